@@ -1,0 +1,238 @@
+"""What every provider adapter offers, and the HTTP plumbing they share.
+
+An adapter turns one gateway `Call` into one upstream HTTP attempt and back into OpenAI
+wire types. It is the boundary where aiohttp's exceptions and the upstream's statuses are
+translated, once, into classified `UpstreamError`s (httpx's `map_httpcore_exceptions`).
+It never retries and never fails over: the router does, with the error table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import NamedTuple, Protocol
+
+import aiohttp
+import msgspec
+
+from bulwark.config import Provider
+from bulwark.errors import ErrorClass, UpstreamError, classify_status, parse_retry_after, redact
+from bulwark.wire import ChatCompletion, ChatRequest, Chunk, any_decoder
+
+C = ErrorClass
+
+#: How much of an error body we read to classify it; the rest is not worth the memory.
+ERROR_BODY_LIMIT = 64 * 1024
+#: A completion larger than this is not a chat answer; refusing it bounds memory per request.
+BODY_LIMIT = 32 * 1024 * 1024
+
+
+class Call(msgspec.Struct, frozen=True, kw_only=True):
+    """One upstream attempt's input."""
+
+    request: ChatRequest
+    upstream_model: str
+    request_id: str
+    #: Headers the client sent that this provider kind forwards (the simulator's `x-sim-*`).
+    passthrough: Mapping[str, str] = msgspec.field(default_factory=dict)
+
+
+class Completion(NamedTuple):
+    """A whole answer: `body` is what the client receives, `parsed` what we account with."""
+
+    body: bytes
+    parsed: ChatCompletion
+
+
+class StreamEvent(NamedTuple):
+    """One chunk: `raw` is the JSON the client receives after `data: `, `chunk` parsed."""
+
+    raw: bytes
+    chunk: Chunk
+
+
+class ProbeResult(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool
+    latency_ms: float
+    ttft_ms: float | None = None
+    error_class: str | None = None
+    status: int | None = None
+
+
+class Adapter(Protocol):
+    provider: Provider
+
+    async def complete(self, call: Call) -> Completion:
+        """The whole answer, or raise `UpstreamError`."""
+        ...
+
+    def stream(self, call: Call) -> AsyncIterator[StreamEvent]:
+        """Chunks in order; the last has a finish_reason (a usage-only chunk may follow).
+
+        Raises `UpstreamError` on any failure, including a stream that ends early.
+        """
+        ...
+
+    async def probe(self, *, chat: bool, timeout: float) -> ProbeResult:
+        """A cheap health check for healthd; never raises."""
+        ...
+
+
+def translate(err: BaseException, *, phase: str = "") -> UpstreamError:
+    """Map one aiohttp / OS exception to a classified upstream error."""
+    where = f" ({phase})" if phase else ""
+    if isinstance(err, UpstreamError):
+        return err
+    if isinstance(err, aiohttp.ClientConnectorDNSError):
+        return UpstreamError(C.NETWORK_DNS, detail=f"DNS lookup failed{where}")
+    if isinstance(err, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError,
+                        ssl.SSLError)):
+        return UpstreamError(C.NETWORK_TLS, detail=f"TLS failed{where}")
+    if isinstance(err, aiohttp.ConnectionTimeoutError):
+        return UpstreamError(C.TIMEOUT_CONNECT, detail=f"connect timed out{where}")
+    if isinstance(err, aiohttp.SocketTimeoutError):
+        return UpstreamError(C.TIMEOUT_IDLE, detail=f"no data within the idle timeout{where}")
+    if isinstance(err, aiohttp.ClientConnectorError):
+        if isinstance(err.os_error, ConnectionRefusedError):
+            return UpstreamError(C.NETWORK_REFUSED, detail=f"connection refused{where}")
+        detail = f"cannot connect{where}: {err.os_error!r}"
+        return UpstreamError(C.NETWORK_REFUSED, detail=detail[:200])
+    if isinstance(err, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
+                        aiohttp.ClientOSError, ConnectionResetError)):
+        return UpstreamError(C.NETWORK_RESET, detail=f"connection lost{where}")
+    if isinstance(err, (asyncio.TimeoutError, TimeoutError)):
+        return UpstreamError(C.TIMEOUT_TOTAL, detail=f"timed out{where}")
+    if isinstance(err, (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError,
+                        ValueError)):
+        return UpstreamError(C.MALFORMED_RESPONSE, detail=f"invalid response{where}: {err}"[:200])
+    if isinstance(err, aiohttp.ClientResponseError):
+        return UpstreamError(classify_status(err.status), status=err.status, detail="http error")
+    if isinstance(err, aiohttp.ClientError):
+        return UpstreamError(C.NETWORK_RESET, detail=f"{type(err).__name__}{where}")
+    raise err
+
+
+async def error_from_response(resp: aiohttp.ClientResponse, *, retry_after_cap: float,
+                              secrets: tuple[str, ...] = ()) -> UpstreamError:
+    """Classify a non-2xx upstream response. Its body goes to `detail` (sanitised) only."""
+    try:
+        raw = await resp.content.read(ERROR_BODY_LIMIT)
+    except (TimeoutError, aiohttp.ClientError):
+        raw = b""
+    text = raw.decode("utf-8", "replace")
+    cls = classify_status(resp.status, text)
+    client_message: str | None = None
+    param: str | None = None
+    if cls in (C.BAD_REQUEST, C.CONTEXT_LENGTH, C.CONTENT_POLICY):
+        # The caller's own mistake: tell them what the provider said, minus anything secret,
+        # and only when it is a JSON error message (never an HTML page or a stack trace).
+        try:
+            body = any_decoder.decode(raw)
+            err = body.get("error") if isinstance(body, dict) else None
+            if isinstance(err, dict) and isinstance(err.get("message"), str):
+                client_message = redact(err["message"], secrets)[:500]
+                p = err.get("param")
+                param = p if isinstance(p, str) else None
+            elif isinstance(err, str):
+                client_message = redact(err, secrets)[:500]
+        except (msgspec.DecodeError, AttributeError):
+            pass
+    return UpstreamError(
+        cls,
+        status=resp.status,
+        retry_after=parse_retry_after(resp.headers, retry_after_cap),
+        detail=f"HTTP {resp.status}: {redact(' '.join(text[:300].split()), secrets)}",
+        client_message=client_message,
+        param=param,
+    )
+
+
+def client_timeout(provider: Provider) -> aiohttp.ClientTimeout:
+    """Per-attempt socket timeouts. `sock_read` is the idle timeout between reads, which
+    aiohttp enforces on the socket at no cost to us per chunk; first-token and total
+    timeouts are applied by the router around the whole attempt."""
+    t = provider.timeouts
+    return aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.idle)
+
+
+@asynccontextmanager
+async def post(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    body: bytes,
+    headers: Mapping[str, str],
+    provider: Provider,
+    retry_after_cap: float,
+    secrets: tuple[str, ...] = (),
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """POST and yield a 2xx response; anything else raises a classified `UpstreamError`."""
+    try:
+        async with session.post(url, data=body, headers=headers,
+                                timeout=client_timeout(provider)) as resp:
+            if resp.status >= 300:
+                raise await error_from_response(resp, retry_after_cap=retry_after_cap,
+                                                secrets=secrets)
+            yield resp
+    except UpstreamError:
+        raise
+    except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as err:
+        raise translate(err) from err
+
+
+async def read_json_body(resp: aiohttp.ClientResponse) -> bytes:
+    try:
+        raw = await resp.content.read(BODY_LIMIT + 1)
+    except (aiohttp.ClientError, OSError) as err:
+        raise translate(err, phase="body") from err
+    if len(raw) > BODY_LIMIT:
+        raise UpstreamError(C.MALFORMED_RESPONSE, detail="response body over the size limit")
+    return raw
+
+
+async def sse_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, bytes]]:
+    """(event, data) pairs of a Server-Sent Events body; `event` is "" when unnamed.
+
+    Multi-line data fields are joined with newlines as the SSE spec says; comments
+    (`: keep-alive`) are skipped.
+    """
+    event = ""
+    data: list[bytes] = []
+    try:
+        async for raw_line in resp.content:
+            line = raw_line.rstrip(b"\r\n")
+            if not line:
+                if data:
+                    yield event, b"\n".join(data)
+                event, data = "", []
+                continue
+            if line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line.startswith(b"event:"):
+                event = line[6:].strip().decode("utf-8", "replace")
+            # id:, retry: and comments carry nothing we use
+    except (aiohttp.ClientError, OSError) as err:
+        raise translate(err, phase="stream") from err
+    if data:
+        yield event, b"\n".join(data)
+
+
+async def probe_get(session: aiohttp.ClientSession, url: str, headers: Mapping[str, str],
+                    timeout: float) -> ProbeResult:
+    """A GET whose 2xx means alive; classified on failure. Never raises."""
+    start = time.perf_counter()
+    try:
+        async with session.get(url, headers=headers,
+                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            await resp.read()
+            ms = (time.perf_counter() - start) * 1000
+            if resp.status < 300:
+                return ProbeResult(ok=True, latency_ms=ms, status=resp.status)
+            cls = classify_status(resp.status)
+            return ProbeResult(ok=False, latency_ms=ms, status=resp.status, error_class=str(cls))
+    except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as err:
+        ms = (time.perf_counter() - start) * 1000
+        return ProbeResult(ok=False, latency_ms=ms, error_class=str(translate(err).cls))

@@ -1,0 +1,168 @@
+"""Any OpenAI-compatible chat API: OpenAI, Mistral, Groq, OpenRouter, Together, DeepSeek,
+Ollama, vLLM — and the built-in simulator.
+
+The request is re-encoded with the upstream model name; answers are validated by decoding
+them (a malformed body is a classified failure, never forwarded) and then passed on as the
+upstream's own bytes, so provider-specific fields survive and no re-encoding is paid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+import msgspec
+
+from bulwark.config import Provider
+from bulwark.errors import ErrorClass, UpstreamError, classify_status, redact
+from bulwark.providers.base import (
+    Call,
+    Completion,
+    ProbeResult,
+    StreamEvent,
+    post,
+    probe_get,
+    read_json_body,
+    sse_lines,
+    translate,
+)
+from bulwark.wire import (
+    ChatRequest,
+    Message,
+    StreamOptions,
+    chunk_decoder,
+    completion_decoder,
+    encoder,
+)
+
+C = ErrorClass
+
+
+class _StreamError(msgspec.Struct):
+    """`data: {"error": {...}}` sent by an upstream in the middle of a stream."""
+
+    error: dict[str, object] | str
+
+
+_stream_error_decoder = msgspec.json.Decoder(_StreamError)
+
+
+class OpenAIAdapter:
+    #: Client headers forwarded upstream (none: the gateway's client is not the provider's).
+    passthrough_prefix: str | None = None
+
+    def __init__(self, provider: Provider, session: aiohttp.ClientSession, *,
+                 retry_after_cap: float, env: Mapping[str, str] | None = None) -> None:
+        self.provider = provider
+        self._session = session
+        self._retry_after_cap = retry_after_cap
+        self._env = env
+        self._chat_url = f"{provider.base_url}/chat/completions"
+        self._models_url = f"{provider.base_url}/models"
+
+    def _headers(self, call: Call | None) -> tuple[dict[str, str], tuple[str, ...]]:
+        headers = {"Content-Type": "application/json"}
+        key = self.provider.api_key(self._env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        if call is not None:
+            headers["X-Request-Id"] = call.request_id
+            if self.passthrough_prefix:
+                for name, value in call.passthrough.items():
+                    if name.lower().startswith(self.passthrough_prefix):
+                        headers[name] = value
+        return headers, ((key,) if key else ())
+
+    def _body(self, call: Call, *, stream: bool) -> bytes:
+        req = msgspec.structs.replace(call.request, model=call.upstream_model, stream=stream)
+        if not stream and req.stream_options is not None:
+            req = msgspec.structs.replace(req, stream_options=msgspec.UNSET)
+        return encoder.encode(req)
+
+    async def complete(self, call: Call) -> Completion:
+        headers, secrets = self._headers(call)
+        async with post(self._session, self._chat_url, body=self._body(call, stream=False),
+                        headers=headers, provider=self.provider,
+                        retry_after_cap=self._retry_after_cap, secrets=secrets) as resp:
+            raw = await read_json_body(resp)
+        try:
+            parsed = completion_decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            raise translate(err, phase="completion") from err
+        if not parsed.choices:
+            raise UpstreamError(C.MALFORMED_RESPONSE, detail="completion without choices")
+        return Completion(raw, parsed)
+
+    async def stream(self, call: Call) -> AsyncIterator[StreamEvent]:
+        headers, secrets = self._headers(call)
+        headers["Accept"] = "text/event-stream"
+        finished = False
+        async with post(self._session, self._chat_url, body=self._body(call, stream=True),
+                        headers=headers, provider=self.provider,
+                        retry_after_cap=self._retry_after_cap, secrets=secrets) as resp:
+            ctype = resp.headers.get("Content-Type", "")
+            if "text/event-stream" not in ctype:
+                raise UpstreamError(C.MALFORMED_RESPONSE,
+                                    detail=f"stream answered as {ctype[:60]!r}")
+            async for _event, data in sse_lines(resp):
+                if data == b"[DONE]":
+                    if not finished:
+                        raise UpstreamError(C.NETWORK_RESET, detail="[DONE] before finish_reason")
+                    return
+                try:
+                    chunk = chunk_decoder.decode(data)
+                except msgspec.ValidationError:
+                    raise self._stream_error(data, secrets) from None
+                except msgspec.DecodeError as err:
+                    raise translate(err, phase="chunk") from err
+                if chunk.finished:
+                    finished = True
+                yield StreamEvent(data, chunk)
+        if not finished:
+            # A clean close without finish_reason is a truncated answer, not success.
+            raise UpstreamError(C.NETWORK_RESET, detail="stream ended without finish_reason")
+
+    def _stream_error(self, data: bytes, secrets: tuple[str, ...]) -> UpstreamError:
+        try:
+            err = _stream_error_decoder.decode(data).error
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return UpstreamError(C.MALFORMED_RESPONSE, detail="chunk of unknown shape")
+        text = str(err)
+        status = err.get("code") if isinstance(err, dict) else None
+        cls = classify_status(status if isinstance(status, int) else 500, text)
+        return UpstreamError(cls, detail=f"error event: {redact(text[:200], secrets)}")
+
+    async def probe(self, *, chat: bool, timeout: float) -> ProbeResult:
+        headers, _ = self._headers(None)
+        if not chat:
+            return await probe_get(self._session, self._models_url, headers, timeout)
+        return await self._probe_chat(timeout)
+
+    async def _probe_chat(self, timeout: float) -> ProbeResult:
+        model = next(iter(self.provider.models.values()))
+        req = ChatRequest(model=model, messages=[Message(role="user", content="ping")],
+                          max_tokens=1, stream=True, stream_options=StreamOptions())
+        call = Call(request=req, upstream_model=model, request_id="healthd-probe")
+        start = time.perf_counter()
+        ttft: float | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                async for _ in self.stream(call):
+                    if ttft is None:
+                        ttft = (time.perf_counter() - start) * 1000
+        except UpstreamError as err:
+            return ProbeResult(ok=False, latency_ms=(time.perf_counter() - start) * 1000,
+                               ttft_ms=ttft, error_class=str(err.cls), status=err.status)
+        except TimeoutError:
+            return ProbeResult(ok=False, latency_ms=(time.perf_counter() - start) * 1000,
+                               ttft_ms=ttft, error_class=str(C.TIMEOUT_TOTAL))
+        return ProbeResult(ok=True, latency_ms=(time.perf_counter() - start) * 1000, ttft_ms=ttft)
+
+
+class SimAdapter(OpenAIAdapter):
+    """The built-in simulator speaks OpenAI's wire; `x-sim-*` client headers pass through,
+    so a newcomer can inject a fault with curl (`-H 'x-sim-status: 530'`)."""
+
+    passthrough_prefix = "x-sim-"

@@ -1,0 +1,101 @@
+"""The in-memory view of shared provider state that the request path reads.
+
+Rows come from Postgres (`provider_state`) through the bus: a snapshot on every
+(re)connect, then one NOTIFY per change. Each row has its own `seq`, bumped by exactly one
+on every write, so a process that sees seq jump by more than one knows it missed a
+notification and reloads. Nothing here does I/O; the bus feeds it, subscribers (the web
+process's breakers, healthd's scheduler) react to it.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import msgspec
+
+
+class Health(enum.StrEnum):
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+
+
+class StateRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One provider's shared state, as stored and as carried in a NOTIFY payload."""
+
+    provider: str
+    health: Health = Health.UNKNOWN
+    breaker: str = "closed"  # a bulwark.breaker.State value
+    reason: str = ""
+    seq: int = 0
+    #: Seconds the breaker stays open from the write (db clock), when open.
+    open_for: float | None = None
+    updated_by: str = ""
+
+
+row_decoder = msgspec.json.Decoder(StateRow)
+row_encoder = msgspec.json.Encoder()
+
+Applied = Literal["applied", "stale", "gap"]
+
+
+class View:
+    """Provider state as last heard from Postgres. Single-threaded (one event loop)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rows: dict[str, StateRow] = {}
+        self._subscribers: list[Callable[[StateRow], None]] = []
+        self._clock = clock
+        #: healthd's heartbeat age by the database's clock, and when we last measured it.
+        self._healthd_age: float | None = None
+        self._healthd_measured_at: float | None = None
+        self.synced = False  # a snapshot has been loaded since the last (re)connect
+
+    def subscribe(self, callback: Callable[[StateRow], None]) -> None:
+        self._subscribers.append(callback)
+
+    def _emit(self, row: StateRow) -> None:
+        for callback in self._subscribers:
+            callback(row)
+
+    def replace(self, rows: Iterable[StateRow]) -> None:
+        """Load a full snapshot; subscribers hear about every row that changed."""
+        fresh = {r.provider: r for r in rows}
+        self.synced = True
+        for name, row in fresh.items():
+            old = self.rows.get(name)
+            self.rows[name] = row
+            if old is None or old.seq != row.seq:
+                self._emit(row)
+
+    def apply(self, row: StateRow) -> Applied:
+        """Apply one notified row. "gap" means the caller must reload a snapshot."""
+        old = self.rows.get(row.provider)
+        current = old.seq if old is not None else 0
+        if row.seq <= current:
+            return "stale"
+        if row.seq > current + 1 and old is not None:
+            return "gap"
+        self.rows[row.provider] = row
+        self._emit(row)
+        return "applied"
+
+    def note_healthd_age(self, age_sec: float | None) -> None:
+        """Record healthd's heartbeat age, measured on the database clock (None: no healthd)."""
+        self._healthd_age = age_sec
+        self._healthd_measured_at = self._clock()
+
+    def healthd_age(self) -> float | None:
+        """Current estimate of healthd's heartbeat age; grows while we cannot measure it."""
+        if self._healthd_age is None or self._healthd_measured_at is None:
+            return None
+        return self._healthd_age + (self._clock() - self._healthd_measured_at)
+
+    def healthd_fresh(self, interval_sec: float) -> bool:
+        """healthd is trusted while its heartbeat is younger than three intervals."""
+        age = self.healthd_age()
+        return age is not None and age <= 3 * interval_sec

@@ -1,0 +1,126 @@
+"""Breaker recovery: healthd's probes, not user requests, test an open provider.
+
+Web processes trip breakers on their own traffic and publish "open". healthd keeps a
+mirror `Breaker` per provider, fed from the shared rows. When a mirror's open period is
+over, healthd moves it to HALF_OPEN and says so to everyone; its next probes are the trial
+calls; enough successes close it, a failure opens it again for longer (the breaker grows
+the period with its trip count). Every such move of healthd's own is queued in `outbox`
+for the publisher; moves adopted from the shared state are not republished.
+
+Pure: no I/O, no asyncio; time is the injected clock, so tests drive it by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from bulwark.breaker import Breaker, BreakerConfig, State, Transition
+from bulwark.state import StateRow
+
+log = logging.getLogger("healthd.recovery")
+
+#: What healthd writes as `source`; rows carrying it are healthd's own (echoes).
+SOURCE = "healthd"
+
+
+class Recovery:
+    """Mirror breakers for the configured providers, and the trial bookkeeping."""
+
+    def __init__(self, names: Iterable[str], config: BreakerConfig, *,
+                 clock: Callable[[], float], source: str = SOURCE) -> None:
+        self.source = source
+        self.breakers: dict[str, Breaker] = {
+            name: Breaker(name, config, clock=clock, on_transition=self._on_transition,
+                          source="probe")
+            for name in names
+        }
+        #: healthd's own transitions, oldest first, for the publisher to write.
+        self.outbox: list[Transition] = []
+        # Bumped on every transition of a breaker: a trial permit taken in an earlier phase
+        # (before a remote reset, say) must not be counted in the next one.
+        self._phase: dict[str, int] = dict.fromkeys(self.breakers, 0)
+        self._permits: dict[str, int] = {}
+
+    def _on_transition(self, t: Transition) -> None:
+        self._phase[t.name] += 1
+        log.info("breaker %s -> %s", t.from_state, t.to_state, extra={
+            "provider": t.name, "transition": f"{t.from_state}->{t.to_state}",
+            "reason": t.reason, "source": t.source})
+        if t.source != "remote":
+            self.outbox.append(t)
+
+    def take_outbox(self) -> list[Transition]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    # -- the shared state ----------------------------------------------------------------------
+
+    def adopt(self, row: StateRow, *, snapshot: bool = False) -> None:
+        """Follow a shared row. Live rows written by healthd itself are echoes of what the
+        mirror already did (possibly a step behind it), so only a snapshot — taken when this
+        process becomes the leader — adopts them."""
+        breaker = self.breakers.get(row.provider)
+        if breaker is None:
+            return
+        if not snapshot and row.updated_by == self.source:
+            return
+        try:
+            state = State(row.breaker)
+        except ValueError:
+            log.warning("unknown breaker state %r in the shared row", row.breaker,
+                        extra={"provider": row.provider})
+            return
+        breaker.apply_remote(state, row.reason or "shared state", open_for=row.open_for)
+
+    # -- time ----------------------------------------------------------------------------------
+
+    def due(self) -> list[str]:
+        """Move every breaker whose open period is over to HALF_OPEN; their names.
+
+        The trial permit taken here belongs to the provider's next probe.
+        """
+        ready: list[str] = []
+        for name, breaker in self.breakers.items():
+            if breaker.state is State.OPEN and breaker.retry_in() <= 0:
+                self._take_permit(name, breaker)
+                if breaker.state is State.HALF_OPEN:
+                    ready.append(name)
+        return ready
+
+    def next_due_in(self) -> float | None:
+        """Seconds until the next open period ends; None when no breaker is open."""
+        waits = [b.retry_in() for b in self.breakers.values() if b.state is State.OPEN]
+        return min(waits) if waits else None
+
+    # -- probes as trials -----------------------------------------------------------------------
+
+    def before_probe(self, name: str) -> None:
+        """A probe of `name` is about to start: make it a trial when a trial is due."""
+        breaker = self.breakers.get(name)
+        if breaker is None or self._permits.get(name) == self._phase[name]:
+            return
+        self._permits.pop(name, None)
+        if breaker.state is State.HALF_OPEN or (
+            breaker.state is State.OPEN and breaker.retry_in() <= 0
+        ):
+            self._take_permit(name, breaker)
+
+    def after_probe(self, name: str, *, ok: bool, duration_sec: float, reason: str) -> None:
+        """Count a finished probe as a trial, if it was one."""
+        breaker = self.breakers.get(name)
+        phase = self._permits.pop(name, None)
+        if breaker is None or phase is None:
+            return
+        if phase != self._phase[name] or breaker.state is not State.HALF_OPEN:
+            return  # the breaker moved while the probe ran: its permit is void
+        if ok:
+            breaker.record_success(duration_sec)
+        else:
+            breaker.record_failure(duration_sec, reason)
+
+    def _take_permit(self, name: str, breaker: Breaker) -> None:
+        # allow() itself moves OPEN -> HALF_OPEN once the period is over (auto_half_open),
+        # so the phase is read after it.
+        if breaker.allow():
+            self._permits[name] = self._phase[name]

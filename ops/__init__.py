@@ -1,0 +1,1 @@
+"""Operations: the provider simulator, Procfile helpers, dashboards, alert rules, benchmarks."""

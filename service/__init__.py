@@ -1,0 +1,1 @@
+"""The web process: `python -m service`."""

@@ -1,0 +1,86 @@
+"""The web application: routes, the middleware, and every resource as a cleanup context."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+from aiohttp import web
+from aiohttp.resolver import AsyncResolver
+
+from bulwark.breaker import Breaker, BreakerConfig
+from bulwark.config import Provider, Settings
+from bulwark.providers.registry import make_adapter
+from bulwark.retry import Backoff
+from bulwark.state import View
+from service import keys
+from service.dispatch import Dispatcher
+from service.edge import edge
+from service.router import ProviderRuntime, Router
+from service.routes import chat, health
+from service.sync import StateSync, run_sync
+
+log = logging.getLogger("bulwark.web")
+
+
+def create_app(settings: Settings, providers: list[Provider], *,
+               env: Mapping[str, str] | None = None) -> web.Application:
+    app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
+    app[keys.SETTINGS] = settings
+    app[keys.PROVIDERS] = providers
+    app[keys.VIEW] = View()
+    app.add_routes(chat.routes)
+    app.add_routes(health.routes)
+
+    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+        # One pool for all providers. 1000 sockets bound memory per process; 500 per host
+        # lets a single provider take the whole of a c=128..500 burst without queueing in
+        # the pool. DNS answers are cached a minute (providers sit behind stable CDNs).
+        connector = aiohttp.TCPConnector(limit=1000, limit_per_host=500, ttl_dns_cache=60,
+                                         resolver=AsyncResolver(), keepalive_timeout=30)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as session:
+            app[keys.SESSION] = session
+            yield
+
+    async def router_ctx(app: web.Application) -> AsyncIterator[None]:
+        session = app[keys.SESSION]
+        runtimes: list[ProviderRuntime] = []
+        # Until healthd is heard from, breakers recover on their own (passive mode).
+        config = BreakerConfig.from_settings(settings, auto_half_open=True)
+        sync = StateSync()
+        for p in providers:
+            adapter = make_adapter(p, session, retry_after_cap=settings.retry_after_cap_sec,
+                                   env=env)
+            breaker = Breaker(p.name, config, on_transition=sync.on_transition)
+            runtimes.append(ProviderRuntime(p, adapter, breaker))
+        router = Router(runtimes, app[keys.VIEW], healthd_interval=settings.healthd_interval_sec)
+        sync.attach(router)
+        app[keys.VIEW].subscribe(sync.on_row)
+        app[keys.ROUTER] = router
+        app[keys.SYNC] = sync
+        app[keys.DISPATCHER] = Dispatcher(
+            router, max_attempts=settings.max_attempts,
+            backoff=Backoff(base_sec=settings.http_backoff_base_ms / 1000.0))
+        yield
+
+    async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
+        sync = app[keys.SYNC]
+        if not settings.database_url:
+            async for _ in run_sync(sync, None):
+                yield
+            return
+        from bulwark.bus import Bus  # only processes with a database load asyncpg
+
+        bus = Bus(settings.database_url, app[keys.VIEW], name=sync.name)
+        await bus.start()
+        try:
+            async for _ in run_sync(sync, bus):
+                yield
+        finally:
+            await bus.close()
+
+    app.cleanup_ctx.append(session_ctx)
+    app.cleanup_ctx.append(router_ctx)
+    app.cleanup_ctx.append(bus_ctx)
+    return app

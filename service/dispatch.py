@@ -1,0 +1,252 @@
+"""The attempt loop: retries, failover, breakers, deadlines — for whole answers and streams.
+
+For a stream, nothing is sent to the client until a provider has produced its first content
+chunk: a provider failing before that is replaced invisibly. After the first byte, a failure
+is a final `data: {"error": …}` event — never a clean end without finish_reason and [DONE],
+and never a silent switch to another provider (that would mix two answers in one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Literal, NamedTuple, Protocol
+
+from bulwark.errors import (
+    C,
+    DeadlineExceeded,
+    GatewayError,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamError,
+    final_error,
+)
+from bulwark.providers.base import Call, Completion, StreamEvent
+from bulwark.retry import Backoff, retry_delay
+from bulwark.wire import ChatRequest
+from service.router import ProviderRuntime, Router
+
+log = logging.getLogger("bulwark.dispatch")
+
+Fallback = Literal["none", "failover"]
+
+
+class Answer(NamedTuple):
+    completion: Completion
+    provider: str
+    attempts: int
+    fallback: Fallback
+
+
+class Sink(Protocol):
+    """Where a stream goes: SSE response, WebSocket, …"""
+
+    async def start(self, provider: str, attempts: int, fallback: Fallback) -> None: ...
+    async def event(self, ev: StreamEvent) -> None: ...
+    async def done(self) -> None: ...
+    async def fail(self, err: GatewayError) -> None: ...
+
+
+class Observer(Protocol):
+    """Who hears about each upstream failure (error rows, metrics)."""
+
+    def attempt_failed(self, provider: str, err: UpstreamError, request_id: str,
+                       model: str) -> None: ...
+
+
+class ClientGone(Exception):
+    """The client disconnected; stop, and count nothing against the provider."""
+
+
+class Request(NamedTuple):
+    chat: ChatRequest
+    request_id: str
+    deadline: float  # monotonic
+    passthrough: Mapping[str, str]
+
+
+def _rejected(err: UpstreamError, should_retry: bool | None) -> GatewayError:
+    """The caller's own error, as the provider reported it (redacted), for the client."""
+    policy = err.policy
+    msg = err.client_message or {
+        C.CONTENT_POLICY: "The provider declined the request under its content policy.",
+        C.CONTEXT_LENGTH: "The request exceeds the model's context length.",
+    }.get(err.cls, "The provider rejected the request as invalid.")
+    return policy.client(msg, code=policy.code, param=err.param, should_retry=should_retry)
+
+
+class Dispatcher:
+    def __init__(self, router: Router, *, max_attempts: int, backoff: Backoff,
+                 observer: Observer | None = None,
+                 sleep: Callable[[float], Awaitable[None]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.router = router
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.observer = observer
+        self._sleep = sleep or asyncio.sleep
+        self._clock = clock
+
+    def _no_provider(self, req: Request, failures: list[UpstreamError],
+                     attempts: int) -> GatewayError:
+        if failures:
+            return final_error(failures, attempts=attempts,
+                               deadline_passed=self._clock() >= req.deadline)
+        plan = self.router.plan(req.chat.model)
+        if plan.all_rate_limited:
+            return RateLimited(
+                "Every provider for this model is rate limited; retry after the delay given.",
+                retry_after=plan.cooling_for or 1.0)
+        return ServiceUnavailable(
+            "No provider can answer this model right now; retry after the delay given.",
+            retry_after=plan.cooling_for or 1.0)
+
+    def _failed(self, rt: ProviderRuntime, err: UpstreamError, req: Request) -> None:
+        if err.policy.breaker:
+            rt.breaker.record_failure(reason=str(err.cls))
+        else:
+            rt.breaker.record_ignored()
+        if err.cls is C.RATE_LIMIT:
+            wait = err.retry_after if err.retry_after is not None else 1.0
+            rt.cooldown_until = self._clock() + wait
+        log.warning("upstream attempt failed", extra={
+            "provider": rt.name, "error_class": str(err.cls), "status": err.status,
+            "request_id": req.request_id, "detail": err.detail})
+        if self.observer is not None:
+            self.observer.attempt_failed(rt.name, err, req.request_id, req.chat.model)
+
+    def _call(self, rt: ProviderRuntime, req: Request) -> Call:
+        return Call(request=req.chat, upstream_model=rt.provider.models[req.chat.model],
+                    request_id=req.request_id, passthrough=req.passthrough)
+
+    async def complete(self, req: Request) -> Answer:
+        failures: list[UpstreamError] = []
+        plan = _Attempts(self, req)
+        while (rt := await plan.next(failures[-1] if failures else None)) is not None:
+            attempts = plan.count
+            timeout = min(rt.provider.timeouts.total, req.deadline - self._clock())
+            started = self._clock()
+            try:
+                async with asyncio.timeout(timeout):
+                    completion = await rt.adapter.complete(self._call(rt, req))
+            except UpstreamError as err:
+                failures.append(err)
+            except TimeoutError:
+                failures.append(UpstreamError(C.TIMEOUT_TOTAL, detail="attempt timed out"))
+            else:
+                rt.breaker.record_success(self._clock() - started)
+                fallback: Fallback = "failover" if failures else "none"
+                return Answer(completion, rt.name, attempts, fallback)
+            last = failures[-1]
+            self._failed(rt, last, req)
+            if not last.policy.failover:
+                raise _rejected(last, False if attempts > 1 else None)
+        raise self._no_provider(req, failures, plan.count)
+
+    async def stream(self, req: Request, sink: Sink) -> None:
+        """Stream one answer into `sink`; raises GatewayError only before anything was sent."""
+        failures: list[UpstreamError] = []
+        plan = _Attempts(self, req)
+        while (rt := await plan.next(failures[-1] if failures else None)) is not None:
+            attempts = plan.count
+            t = rt.provider.timeouts
+            now = self._clock()
+            loop = asyncio.get_running_loop()
+            # One timer for the whole attempt: first-token deadline until the first content
+            # chunk, then the total deadline. Idle gaps are aiohttp's sock_read timeout.
+            total_at = loop.time() + min(t.total, req.deadline - now)
+            first_at = min(loop.time() + t.first_token, total_at)
+            events = rt.adapter.stream(self._call(rt, req))
+            sent = False
+            try:
+                async with asyncio.timeout_at(first_at) as timer:
+                    buffered: list[StreamEvent] = []
+                    async for ev in events:
+                        buffered.append(ev)
+                        if ev.chunk.has_content:
+                            break
+                    timer.reschedule(total_at)
+                    fallback: Fallback = "failover" if failures else "none"
+                    sent = True
+                    await sink.start(rt.name, attempts, fallback)
+                    for ev in buffered:
+                        await sink.event(ev)
+                    async for ev in events:
+                        await sink.event(ev)
+                rt.breaker.record_success(self._clock() - now)
+                await sink.done()
+                return
+            except ClientGone:
+                rt.breaker.record_ignored()
+                return
+            except (UpstreamError, TimeoutError) as exc:
+                if isinstance(exc, UpstreamError):
+                    err = exc
+                elif sent:
+                    err = UpstreamError(C.TIMEOUT_TOTAL, detail="stream passed its total timeout")
+                else:
+                    err = UpstreamError(C.TIMEOUT_FIRST_TOKEN, detail="no first token in time")
+                self._failed(rt, err, req)
+                if sent:
+                    await sink.fail(_stream_error(err))
+                    return
+                failures.append(err)
+                if not err.policy.failover:
+                    raise _rejected(err, False if attempts > 1 else None) from None
+            finally:
+                await events.aclose()  # type: ignore[attr-defined]
+        raise self._no_provider(req, failures, plan.count)
+
+
+def _stream_error(err: UpstreamError) -> GatewayError:
+    """The final error event of a stream that failed after its first byte."""
+    if err.cls in (C.TIMEOUT_IDLE, C.TIMEOUT_FIRST_TOKEN):
+        return DeadlineExceeded("The provider stopped sending in the middle of the answer.",
+                                code="upstream_stream_stalled", should_retry=True)
+    if err.cls is C.TIMEOUT_TOTAL:
+        return DeadlineExceeded("The answer did not complete within its deadline.",
+                                code="upstream_timeout", should_retry=True)
+    if err.cls in (C.BAD_REQUEST, C.CONTEXT_LENGTH, C.CONTENT_POLICY):
+        return _rejected(err, False)
+    return ServiceUnavailable("The provider failed in the middle of the answer.",
+                              code="upstream_stream_interrupted", should_retry=True)
+
+
+class _Attempts:
+    """Hands out attempts in order: retries of one provider (with backoff, when the last
+    failure's class allows it), then the next provider; none past the attempt cap or the
+    deadline, and none to a provider whose breaker refuses."""
+
+    def __init__(self, d: Dispatcher, req: Request) -> None:
+        self._d = d
+        self._req = req
+        self._order = iter(d.router.plan(req.chat.model).order)
+        self._current: ProviderRuntime | None = None
+        self._tries = 0
+        self.count = 0
+
+    def _budget_left(self) -> bool:
+        return self.count < self._d.max_attempts and self._d._clock() < self._req.deadline
+
+    async def next(self, last: UpstreamError | None) -> ProviderRuntime | None:
+        d, rt = self._d, self._current
+        if rt is not None and last is not None:
+            delay = retry_delay(last, attempt=self._tries - 1, retries=rt.provider.retries,
+                                backoff=d.backoff, time_left=self._req.deadline - d._clock())
+            if delay is not None:
+                if delay > 0:
+                    await d._sleep(delay)
+                if self._budget_left() and rt.breaker.allow():
+                    self._tries += 1
+                    self.count += 1
+                    return rt
+        for rt in self._order:
+            if not self._budget_left():
+                return None
+            if rt.breaker.allow():
+                self._current, self._tries = rt, 1
+                self.count += 1
+                return rt
+        return None

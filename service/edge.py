@@ -1,0 +1,86 @@
+"""The one middleware every request passes: request id in, errors out as OpenAI JSON.
+
+Kept to a single middleware on purpose: each aiohttp middleware is another coroutine frame
+on every request, and this path is measured against a bare proxy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+
+from bulwark.errors import (
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+)
+from bulwark.wire import encoder
+from service.keys import REQUEST_ID
+
+log = logging.getLogger("bulwark.web")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+def _valid_request_id(value: str) -> bool:
+    # Echo a client's id only when it cannot smuggle anything into headers or logs.
+    return 0 < len(value) <= 128 and value.isascii() and value.isprintable()
+
+
+def error_response(err: GatewayError, request_id: str) -> web.Response:
+    headers = err.headers()
+    headers["x-request-id"] = request_id
+    return web.Response(status=err.status, body=encoder.encode(err.body()),
+                        content_type="application/json", headers=headers)
+
+
+class _MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    if exc.status == 404:
+        return NotFound("Unknown path.", code="not_found")
+    if exc.status == 405:
+        return _MethodNotAllowed("Method not allowed on this path.")
+    if exc.status == 413:
+        return PayloadTooLarge("The request body is too large.")
+    return InvalidRequest(exc.reason or "Invalid request.")
+
+
+@web.middleware
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request.headers.get("x-request-id", "")
+    if not _valid_request_id(rid):
+        rid = new_request_id()
+    request[REQUEST_ID] = rid
+    try:
+        resp = await handler(request)
+    except GatewayError as err:
+        return error_response(err, rid)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http_exception(exc), rid)
+    except msgspec.MsgspecError:  # pragma: no cover - decoders are wrapped where used
+        log.exception("unhandled decode error", extra={"request_id": rid})
+        return error_response(InvalidRequest("Invalid request body."), rid)
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": rid})
+        internal = GatewayError("The gateway failed to handle this request.",
+                                code="internal_error")
+        return error_response(internal, rid)
+    if not resp.prepared:
+        resp.headers["x-request-id"] = rid
+    return resp

@@ -1,0 +1,22 @@
+"""Every typed key of the web app and its requests, in one place."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from bulwark.config import Provider, Settings
+from bulwark.state import View
+from service.dispatch import Dispatcher
+from service.router import Router
+from service.sync import StateSync
+
+SETTINGS = web.AppKey("settings", Settings)
+PROVIDERS = web.AppKey("providers", list[Provider])
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+VIEW = web.AppKey("view", View)
+ROUTER = web.AppKey("router", Router)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+SYNC = web.AppKey("sync", StateSync)
+
+REQUEST_ID = web.RequestKey("request_id", str)

@@ -1,0 +1,1 @@
+"""HTTP routes of the web process, one module per area."""

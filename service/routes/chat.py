@@ -1,0 +1,150 @@
+"""`POST /v1/chat/completions` and `GET /v1/models`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from bulwark.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
+from bulwark.providers.base import StreamEvent
+from bulwark.wire import ChatRequest, ModelCard, ModelList, encoder, request_decoder
+from service.dispatch import ClientGone, Fallback, Request
+from service.keys import DISPATCHER, REQUEST_ID, ROUTER, SETTINGS
+
+routes = web.RouteTableDef()
+
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    # Tell nginx-style proxies in front of us not to buffer the stream.
+    "X-Accel-Buffering": "no",
+}
+
+
+def _decode(body: bytes) -> ChatRequest:
+    try:
+        return request_decoder.decode(body)
+    except msgspec.ValidationError as err:
+        text = str(err)
+        m = _PATH.search(text)
+        param = m.group(1) if m and m.group(1) else None
+        raise InvalidRequest(f"Invalid request: {text}", code="invalid_request",
+                             param=param) from None
+    except msgspec.DecodeError:
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+
+
+def _check_limits(chat: ChatRequest, *, max_messages: int, max_chars: int) -> None:
+    if len(chat.messages) > max_messages:
+        raise InvalidRequest(f"Too many messages: at most {max_messages}.",
+                             code="too_many_messages", param="messages")
+    for i, message in enumerate(chat.messages):
+        content = message.content
+        size = len(content) if isinstance(content, str) else sum(
+            len(str(part.get("text", ""))) for part in content or ())
+        if size > max_chars:
+            raise InvalidRequest(f"Message {i} is longer than {max_chars} characters.",
+                                 code="message_too_long", param=f"messages[{i}].content")
+
+
+def _deadline(request: web.Request, chat: ChatRequest, default: float) -> float:
+    budget = default
+    if not chat.stream:
+        # The openai SDK tells us how long it will wait (read timeout of a whole answer);
+        # answering after it gave up is work thrown away, so that is our deadline too.
+        hint = request.headers.get("x-stainless-read-timeout")
+        if hint:
+            with contextlib.suppress(ValueError):
+                budget = min(budget, max(float(hint) * 0.95, 0.5))
+    return time.monotonic() + budget
+
+
+def _chat_headers(rid: str, provider: str, attempts: int, fallback: Fallback) -> dict[str, str]:
+    return {"x-request-id": rid, "x-bulwark-provider": provider,
+            "x-bulwark-attempts": str(attempts), "x-bulwark-fallback": fallback}
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        raise PayloadTooLarge(f"The request body is larger than {settings.max_body_bytes} bytes.")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(
+            f"The request body is larger than {settings.max_body_bytes} bytes.") from None
+    chat = _decode(body)
+    _check_limits(chat, max_messages=settings.max_messages, max_chars=settings.max_message_chars)
+    if not request.app[ROUTER].has_model(chat.model):
+        raise NotFound(f"The model {chat.model!r} does not exist.", code="model_not_found",
+                       param="model")
+    rid = request[REQUEST_ID]
+    req = Request(chat=chat, request_id=rid,
+                  deadline=_deadline(request, chat, settings.request_timeout_sec),
+                  passthrough=request.headers)
+    dispatcher = request.app[DISPATCHER]
+    if not chat.stream:
+        answer = await dispatcher.complete(req)
+        return web.Response(body=answer.completion.body, content_type="application/json",
+                            headers=_chat_headers(rid, answer.provider, answer.attempts,
+                                                  answer.fallback))
+    sink = SseSink(request, rid)
+    await dispatcher.stream(req, sink)
+    assert sink.response is not None  # stream() raises unless it started the response
+    return sink.response
+
+
+class SseSink:
+    """A chat stream as Server-Sent Events in OpenAI's chunk format."""
+
+    def __init__(self, request: web.Request, request_id: str) -> None:
+        self._request = request
+        self._rid = request_id
+        self.response: web.StreamResponse | None = None
+
+    async def start(self, provider: str, attempts: int, fallback: Fallback) -> None:
+        headers = _chat_headers(self._rid, provider, attempts, fallback)
+        headers.update(_SSE_HEADERS)
+        self.response = web.StreamResponse(status=200, headers=headers)
+        await self.response.prepare(self._request)
+
+    async def _write(self, data: bytes) -> None:
+        assert self.response is not None
+        try:
+            await self.response.write(data)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as err:
+            raise ClientGone from err
+
+    async def event(self, ev: StreamEvent) -> None:
+        await self._write(b"data: " + ev.raw + b"\n\n")
+
+    async def done(self) -> None:
+        await self._write(b"data: [DONE]\n\n")
+        assert self.response is not None
+        await self.response.write_eof()
+
+    async def fail(self, err: GatewayError) -> None:
+        # No [DONE] after an error: the openai SDK raises on the error event, and a client
+        # that ignored it must not take what came before for a complete answer.
+        try:
+            await self._write(b"data: " + encoder.encode(err.body()) + b"\n\n")
+            assert self.response is not None
+            await self.response.write_eof()
+        except (ClientGone, asyncio.CancelledError):
+            pass
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    cards = [ModelCard(id=m) for m in request.app[ROUTER].models()]
+    return web.Response(body=encoder.encode(ModelList(data=cards)), content_type="application/json")
+
+
