@@ -27,12 +27,13 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import msgspec
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from bulwark.config import Settings
 
 logger = logging.getLogger("bulwark.breaker")
@@ -117,31 +118,25 @@ class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True):
     auto_half_open: bool = True
 
     def __post_init__(self) -> None:
-        # ValueError is what msgspec turns into a ValidationError when decoding.
-        problems: list[str] = []
-        if self.window_size < 1:
-            problems.append("window_size must be >= 1")
-        if not 1 <= self.minimum_calls <= self.window_size:
-            problems.append("minimum_calls must be between 1 and window_size")
-        if not 0.0 < self.failure_rate <= 1.0:
-            problems.append("failure_rate must be in (0, 1]")
-        if not 0.0 < self.slow_call_rate <= 1.0:
-            problems.append("slow_call_rate must be in (0, 1]")
-        if self.consecutive_failures < 1:
-            problems.append("consecutive_failures must be >= 1")
-        if self.slow_call_sec <= 0:
-            problems.append("slow_call_sec must be > 0")
-        if self.half_open_max_calls < 1:
-            problems.append("half_open_max_calls must be >= 1")
-        if self.half_open_successes < 1:
-            problems.append("half_open_successes must be >= 1")
-        if self.reset_sec < 0:
-            problems.append("reset_sec must be >= 0")
-        if self.max_reset_sec < self.reset_sec:
-            problems.append("max_reset_sec must be >= reset_sec")
-        if self.backoff_multiplier < 1.0:
-            problems.append("backoff_multiplier must be >= 1")
+        checks = (
+            (self.window_size >= 1, "window_size must be >= 1"),
+            (
+                1 <= self.minimum_calls <= self.window_size,
+                "minimum_calls must be in 1..window_size",
+            ),
+            (0.0 < self.failure_rate <= 1.0, "failure_rate must be in (0, 1]"),
+            (0.0 < self.slow_call_rate <= 1.0, "slow_call_rate must be in (0, 1]"),
+            (self.consecutive_failures >= 1, "consecutive_failures must be >= 1"),
+            (self.slow_call_sec > 0, "slow_call_sec must be > 0"),
+            (self.half_open_max_calls >= 1, "half_open_max_calls must be >= 1"),
+            (self.half_open_successes >= 1, "half_open_successes must be >= 1"),
+            (self.reset_sec >= 0, "reset_sec must be >= 0"),
+            (self.max_reset_sec >= self.reset_sec, "max_reset_sec must be >= reset_sec"),
+            (self.backoff_multiplier >= 1.0, "backoff_multiplier must be >= 1"),
+        )
+        problems = [message for ok, message in checks if not ok]
         if problems:
+            # ValueError is what msgspec turns into a ValidationError when decoding.
             raise ValueError("invalid BreakerConfig: " + "; ".join(problems))
 
     @classmethod
@@ -184,6 +179,7 @@ class Breaker:
     __slots__ = (
         "_calls",
         "_clock",
+        "_config",
         "_consecutive",
         "_failures",
         "_in_flight",
@@ -196,7 +192,6 @@ class Breaker:
         "_state",
         "_trial_successes",
         "_trips",
-        "config",
         "name",
     )
 
@@ -212,7 +207,7 @@ class Breaker:
         """``source`` labels transitions caused by this breaker's own recorded outcomes and
         its own open-period expiry: "local" in web, "probe" for healthd's probe breakers."""
         self.name = name
-        self.config = config
+        self._config = config
         self._clock = clock
         self._on_transition = on_transition
         self._source = source
@@ -229,6 +224,19 @@ class Breaker:
         self._trial_successes = 0
 
     # -- reads -------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> BreakerConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: BreakerConfig) -> None:
+        """Swap the config at run time (web flips auto_half_open as healthd comes and goes).
+        The state and the open period are kept; a new window size starts an empty window."""
+        if config.window_size != len(self._ring):
+            self._ring = bytearray(config.window_size)
+            self._pos = self._calls = self._failures = self._slow = 0
+        self._config = config
 
     @property
     def state(self) -> State:
@@ -266,19 +274,19 @@ class Breaker:
         if state is State.CLOSED:
             return True
         if state is State.OPEN:
-            if not self.config.auto_half_open or self._clock() < self._open_until:
+            if not self._config.auto_half_open or self._clock() < self._open_until:
                 return False
             self._transition(State.HALF_OPEN, "open period over", self._source)
             self._in_flight = 1
             return True
-        if self._in_flight <= self.config.half_open_max_calls:
+        if self._in_flight < self._config.half_open_max_calls:
             self._in_flight += 1
             return True
         return False
 
     def record_success(self, duration_sec: float = 0.0) -> None:
         state = self._state
-        slow = duration_sec >= self.config.slow_call_sec
+        slow = duration_sec >= self._config.slow_call_sec
         if state is State.CLOSED:
             self._consecutive = 0
             self._push(_SLOW if slow else 0)
@@ -293,7 +301,7 @@ class Breaker:
                 self._open(f"slow trial ({duration_sec:.1f}s)", self._source, None)
                 return
             self._trial_successes += 1
-            if self._trial_successes >= self.config.half_open_successes:
+            if self._trial_successes >= self._config.half_open_successes:
                 self._close(f"{self._trial_successes} trial successes", self._source)
         # OPEN: the call started before the breaker opened; its outcome is old news.
 
@@ -303,7 +311,7 @@ class Breaker:
         if state is State.CLOSED:
             self._consecutive += 1
             self._push(_FAILED)
-            if self._consecutive >= self.config.consecutive_failures:
+            if self._consecutive >= self._config.consecutive_failures:
                 self._open(f"{self._consecutive} consecutive failures: {reason}", self._source)
             else:
                 self._check_rates(reason)
@@ -321,8 +329,8 @@ class Breaker:
     ) -> None:
         """Open now. Already open: only the open period is re-armed (no transition)."""
         if self._state is State.OPEN:
-            period = self.config.open_period(self._trips) if open_for is None else open_for
-            self._open_until = self._clock() + period
+            period = self._config.open_period(self._trips) if open_for is None else open_for
+            self._open_until = self._clock() + max(0.0, period)
             return
         self._open(reason, source, open_for)
 
@@ -340,7 +348,8 @@ class Breaker:
         path = _PATHS[(self._state, state)]
         for step in path:
             if step is State.OPEN:
-                # Only passing through: the target says the open period is already over.
+                # OPEN on the way to HALF_OPEN lasts no time: the target says the open
+                # period is already over.
                 self._open(reason, "remote", open_for if step is state else 0.0)
             elif step is State.HALF_OPEN:
                 self._transition(State.HALF_OPEN, reason, "remote")
@@ -366,7 +375,7 @@ class Breaker:
 
     def _check_rates(self, last: str) -> None:
         """Open when the window is full enough and a rate has reached its threshold."""
-        cfg = self.config
+        cfg = self._config
         calls = self._calls
         if calls < cfg.minimum_calls:
             return
@@ -392,7 +401,7 @@ class Breaker:
     def _open(self, reason: str, source: str, open_for: float | None = None) -> None:
         check_transition(self._state, State.OPEN)  # before touching the trip count
         self._trips += 1
-        period = self.config.open_period(self._trips) if open_for is None else max(0.0, open_for)
+        period = self._config.open_period(self._trips) if open_for is None else max(0.0, open_for)
         self._open_until = self._clock() + period
         self._transition(State.OPEN, reason, source, period)
 

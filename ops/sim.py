@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import socket
 import struct
@@ -217,7 +218,6 @@ class SimState:
         self.name = name
         self.stall_sec = stall_sec
         self._rng = random.Random(seed)
-        self._words_json: list[bytes] = []
         self._choice_chunks: list[bytes] = []
         self._completion_choices: dict[int, bytes] = {}
         self._errors: dict[int, tuple[bytes, str]] = {}
@@ -284,10 +284,8 @@ class SimState:
         if n > len(self._choice_chunks):
             words = reply_words(self.name, n)
             for word in words[len(self._choice_chunks):]:
-                wj = _encode(word)
-                self._words_json.append(wj)
                 self._choice_chunks.append(
-                    b'[{"index":0,"delta":{"content":' + wj
+                    b'[{"index":0,"delta":{"content":' + _encode(word)
                     + b'},"logprobs":null,"finish_reason":null}]}\n\n')
 
     def content_chunks(self, n: int) -> list[bytes]:
@@ -515,11 +513,9 @@ def _reset(request: web.Request) -> web.Response:
     if transport is not None:
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
-                # Linger 0 turns close() into a RST, like a crashed peer or a middlebox.
+            # Linger 0 turns close() into a RST, like a crashed peer or a middlebox.
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
         transport.abort()
     # aiohttp finds the transport gone when it writes this and drops it quietly.
     return web.Response()

@@ -135,6 +135,10 @@ class Dispatcher:
                 failures.append(err)
             except TimeoutError:
                 failures.append(UpstreamError(C.TIMEOUT_TOTAL, detail="attempt timed out"))
+            except BaseException:
+                # Cancelled (shutdown) or a bug: the half-open permit must still come back.
+                rt.breaker.record_ignored()
+                raise
             else:
                 rt.breaker.record_success(self._clock() - started)
                 fallback: Fallback = "failover" if failures else "none"
@@ -181,6 +185,14 @@ class Dispatcher:
             except ClientGone:
                 rt.breaker.record_ignored()
                 return
+            except asyncio.CancelledError:
+                # Shutdown past the drain period: say so rather than end the stream cleanly.
+                rt.breaker.record_ignored()
+                if sent:
+                    await sink.fail(ServiceUnavailable(
+                        "The gateway is shutting down; the answer is incomplete.",
+                        code="gateway_shutdown", should_retry=True))
+                raise
             except (UpstreamError, TimeoutError) as exc:
                 if isinstance(exc, UpstreamError):
                     err = exc

@@ -212,6 +212,33 @@ def test_slow_failure_counts_as_failure_not_slow() -> None:
     assert snap["failure_rate"] == 1.0
 
 
+def test_config_swap_flips_passive_mode_and_keeps_state() -> None:
+    """Assigning a new config switches auto_half_open without losing the state or period."""
+    h = Harness(BreakerConfig(auto_half_open=False, reset_sec=10.0))
+    b = h.breaker
+    trip(h)
+    h.clock.advance(10.0)
+    assert b.allow() is False
+    b.config = msgspec.structs.replace(b.config, auto_half_open=True)
+    assert b.allow() is True
+    assert state_of(b) is State.HALF_OPEN
+
+
+def test_config_swap_with_new_window_size_empties_the_window() -> None:
+    """A different window_size starts a fresh window of that size."""
+    h = Harness(BreakerConfig(window_size=4, minimum_calls=4, consecutive_failures=100))
+    b = h.breaker
+    for _ in range(3):
+        b.record_failure()
+    b.config = BreakerConfig(window_size=2, minimum_calls=2, consecutive_failures=100)
+    assert b.snapshot()["calls_in_window"] == 0
+    b.record_success()
+    b.record_success()
+    b.record_success()
+    assert b.snapshot()["calls_in_window"] == 2
+    assert state_of(b) is State.CLOSED
+
+
 # -- the open period ---------------------------------------------------------------------------
 
 

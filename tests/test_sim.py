@@ -56,15 +56,10 @@ def events(raw: bytes) -> list[str]:
     return out
 
 
-async def test_completion_is_openai_shaped() -> None:
+async def test_completion_is_openai_shaped(sim: TestServer,
+                                           session: aiohttp.ClientSession) -> None:
     """A non-streamed answer has OpenAI's fields, echoes the model and names the sim."""
-    server = TestServer(create_sim_app("alpha"))
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession() as s:
-            status, raw, resp = await chat(s, server, CHAT)
-    finally:
-        await server.close()
+    status, raw, resp = await chat(session, sim, CHAT)
     assert status == 200
     assert resp.content_type == "application/json"
     body = json.loads(raw)
@@ -235,14 +230,18 @@ async def test_stream_stall_times_out_the_reader(sim: TestServer,
                                                  session: aiohttp.ClientSession) -> None:
     """A stall sends some chunks, then nothing: only the client's read timeout ends it."""
     seen: list[bytes] = []
-    with pytest.raises(asyncio.TimeoutError):
-        async with session.post(url(sim, "/v1/chat/completions"), json=STREAM,
-                                headers={"x-sim-fault": "stall"},
-                                timeout=aiohttp.ClientTimeout(sock_read=0.2)) as resp:
-            assert resp.status == 200
-            async for line in resp.content:
-                if line.startswith(b"data: "):
-                    seen.append(line)
+
+    async def read_all(resp: aiohttp.ClientResponse) -> None:
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                seen.append(line)
+
+    async with session.post(url(sim, "/v1/chat/completions"), json=STREAM,
+                            headers={"x-sim-fault": "stall"},
+                            timeout=aiohttp.ClientTimeout(sock_read=0.2)) as resp:
+        assert resp.status == 200
+        with pytest.raises(asyncio.TimeoutError):
+            await read_all(resp)
     assert len(seen) == 1 + DEFAULT_CHUNKS // 2
     assert not any(b"[DONE]" in line or b'"stop"' in line for line in seen)
 
@@ -258,13 +257,12 @@ async def test_stall_before_sends_headers_only(sim: TestServer,
             await resp.content.readline()
 
 
-async def test_stall_ends_when_the_client_leaves(aiohttp_server: AiohttpServer,
-                                                 session: aiohttp.ClientSession) -> None:
-    """A stalled answer without a client left is abandoned, not kept open for a minute."""
+async def test_stall_gives_up_without_a_clean_end(aiohttp_server: AiohttpServer,
+                                                  session: aiohttp.ClientSession) -> None:
+    """A stall that outlasts stall_sec ends by dropping the connection, never cleanly."""
     server = await aiohttp_server(create_sim_app("alpha", stall_sec=0.2))
     async with session.post(url(server, "/v1/chat/completions"), json=STREAM,
                             headers={"x-sim-fault": "stall"}) as resp:
-        # The simulator gives up on its own after stall_sec, and never ends it cleanly.
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()
 
@@ -371,8 +369,8 @@ async def test_log_records_requests(sim: TestServer, session: aiohttp.ClientSess
     assert second["fault"] == {"chunks": 2}
     assert second["step"] is None
     assert third["body"] is None
-    assert first["t"] <= second["t"] <= third["t"]
-    assert abs(third["t"] - time.monotonic()) < 3600
+    # Monotonic, not wall-clock, time: the epoch of time.time() is far ahead of it.
+    assert first["t"] <= second["t"] <= third["t"] <= time.monotonic()
 
 
 async def test_stats_count_and_reset_clears(sim: TestServer,
@@ -380,7 +378,6 @@ async def test_stats_count_and_reset_clears(sim: TestServer,
     """/_sim/stats counts upstream attempts; /_sim/reset clears script, log and counts."""
     await post_script(session, sim, {"steps": [], "then": {"status": 503}})
     await chat(session, sim, CHAT)
-    await chat(session, sim, CHAT, {"x-sim-fault": "reset"}) if False else None
     async with session.get(url(sim, "/v1/models")) as resp:
         await resp.read()
     async with session.get(url(sim, "/_sim/stats")) as resp:

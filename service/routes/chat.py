@@ -20,6 +20,7 @@ from service.keys import DISPATCHER, REQUEST_ID, ROUTER, SETTINGS
 routes = web.RouteTableDef()
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+_FIELD = re.compile(r"(?:missing required|unknown) field `([^`]*)`")
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -33,8 +34,10 @@ def _decode(body: bytes) -> ChatRequest:
         return request_decoder.decode(body)
     except msgspec.ValidationError as err:
         text = str(err)
-        m = _PATH.search(text)
-        param = m.group(1) if m and m.group(1) else None
+        m, f = _PATH.search(text), _FIELD.search(text)
+        where = m.group(1) if m else ""
+        field = f.group(1) if f else ""
+        param = ".".join(p for p in (where, field) if p) or None
         raise InvalidRequest(f"Invalid request: {text}", code="invalid_request",
                              param=param) from None
     except msgspec.DecodeError:

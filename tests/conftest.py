@@ -1,0 +1,99 @@
+"""Shared fixtures: simulators on real sockets, the gateway app on a real port, the openai
+SDK as its client, and (from tests/pg.py) a throwaway PostgreSQL."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from bulwark.config import Provider, ProviderConfig, Settings, resolve
+from ops.sim import create_sim_app
+from service.app import create_app
+
+if importlib.util.find_spec("tests.pg") is not None:
+    from tests.pg import pg_clean, pg_dsn  # noqa: F401
+
+# Tests must not pick up a developer's own configuration.
+for _var in ("DATABASE_URL", "BULWARK_PROVIDERS", "BULWARK_PORT", "PORT"):
+    os.environ.pop(_var, None)
+
+
+class Sim:
+    """One simulator server, as a provider of the gateway."""
+
+    def __init__(self, server: TestServer, name: str) -> None:
+        self.server = server
+        self.name = name
+        self.url = str(server.make_url("/v1"))
+
+    async def script(self, **script: Any) -> None:
+        async with aiohttp.ClientSession() as s, s.post(
+            self.server.make_url("/_sim/script"), json=script
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+
+    async def stats(self) -> dict[str, int]:
+        async with aiohttp.ClientSession() as s, s.get(
+            self.server.make_url("/_sim/stats")
+        ) as resp:
+            data: dict[str, int] = await resp.json()
+            return data
+
+
+SimFactory = Callable[[str], Awaitable[Sim]]
+
+
+@pytest.fixture
+async def sim(aiohttp_server: Any) -> SimFactory:
+    async def start(name: str) -> Sim:
+        server = await aiohttp_server(create_sim_app(name))
+        return Sim(server, name)
+
+    return start
+
+
+def provider(name: str, url: str, *, priority: int = 1, kind: str = "openai",
+             settings: Settings | None = None, **overrides: Any) -> Provider:
+    cfg = ProviderConfig(name=name, kind=kind, base_url=url, priority=priority,  # type: ignore[arg-type]
+                         models=overrides.pop("models", {"default": "sim-1"}), **overrides)
+    return resolve(cfg, settings or Settings())
+
+
+class Gateway:
+    def __init__(self, server: TestServer, app: web.Application) -> None:
+        self.server = server
+        self.app = app
+        self.base_url = str(server.make_url("/v1"))
+
+    def client(self, **kw: Any) -> openai.AsyncOpenAI:
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 20)
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key="sk-client-test", **kw)
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def gateway(aiohttp_server: Any) -> AsyncIterator[GatewayFactory]:
+    clients: list[openai.AsyncOpenAI] = []
+
+    async def start(providers: list[Provider], *, settings: Settings | None = None,
+                    env: dict[str, str] | None = None) -> Gateway:
+        # Tests retry without sleeping: backoff is tested on its own.
+        s = settings or Settings(http_backoff_base_ms=0)
+        app = create_app(s, providers, env=env or {})
+        server = await aiohttp_server(app)
+        return Gateway(server, app)
+
+    yield start
+    for c in clients:
+        await c.close()
