@@ -142,6 +142,7 @@ class ErrorClass(enum.StrEnum):
     PERMISSION = "permission"
     NOT_FOUND = "not_found"
     BAD_REQUEST = "bad_request"
+    UNSUPPORTED = "unsupported"
     CONTEXT_LENGTH = "context_length"
     CONTENT_POLICY = "content_policy"
     TIMEOUT_CONNECT = "timeout_connect"
@@ -175,7 +176,8 @@ C = ErrorClass
 #:   unusable until someone acts).
 #: - A caller's own bad request and a content-policy refusal are the caller's: no retry, no
 #:   failover (another provider would refuse too), no breaker. Context length may fit another
-#:   provider's window, so it fails over, but still never counts against the breaker.
+#:   provider's window, so it fails over, but still never counts against the breaker; so
+#:   does a feature one provider kind cannot translate (n > 1 on Anthropic, say).
 #: - A refused connection or DNS/TLS failure will not heal in 200 ms: fail over with no
 #:   backoff. A reset, a 5xx, a truncated or malformed body often are transient: retry.
 #: - Timeouts count against the breaker (slow is broken for a chat user). A slow first
@@ -187,6 +189,7 @@ POLICY: Final[Mapping[ErrorClass, Policy]] = {
     C.PERMISSION: Policy(False, True, True, ServiceUnavailable, "no_provider_available"),
     C.NOT_FOUND: Policy(False, True, True, ServiceUnavailable, "no_provider_available"),
     C.BAD_REQUEST: Policy(False, False, False, UpstreamRejected, "invalid_request"),
+    C.UNSUPPORTED: Policy(False, False, True, UpstreamRejected, "unsupported_parameter"),
     C.CONTEXT_LENGTH: Policy(False, False, True, UpstreamRejected, "context_length_exceeded"),
     C.CONTENT_POLICY: Policy(False, False, False, UpstreamRejected, "content_filter"),
     C.TIMEOUT_CONNECT: Policy(False, True, True, ServiceUnavailable, "no_provider_available"),

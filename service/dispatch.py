@@ -91,6 +91,10 @@ class Dispatcher:
 
     def _no_provider(self, req: Request, failures: list[UpstreamError],
                      attempts: int) -> GatewayError:
+        if failures and all(f.policy.client is UpstreamRejected for f in failures):
+            # Every provider refused it as the caller's own request (context too long for
+            # all of them, a feature none supports): that is a 400, not an outage.
+            return _rejected(failures[-1], False if attempts > 1 else None)
         if failures:
             return final_error(failures, attempts=attempts,
                                deadline_passed=self._clock() >= req.deadline)
@@ -220,7 +224,7 @@ def _stream_error(err: UpstreamError) -> GatewayError:
     if err.cls is C.TIMEOUT_TOTAL:
         return DeadlineExceeded("The answer did not complete within its deadline.",
                                 code="upstream_timeout", should_retry=True)
-    if err.cls in (C.BAD_REQUEST, C.CONTEXT_LENGTH, C.CONTENT_POLICY):
+    if err.cls in (C.BAD_REQUEST, C.UNSUPPORTED, C.CONTEXT_LENGTH, C.CONTENT_POLICY):
         return _rejected(err, False)
     return ServiceUnavailable("The provider failed in the middle of the answer.",
                               code="upstream_stream_interrupted", should_retry=True)

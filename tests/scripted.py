@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
 
 _encoder = msgspec.json.Encoder()
 
@@ -52,7 +54,7 @@ class Reply:
 
 @dataclass(frozen=True)
 class Recorded:
-    """One request as the upstream saw it."""
+    """One request as the upstream saw it (headers case-insensitive)."""
 
     method: str
     path: str
@@ -109,7 +111,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         method=request.method,
         path=request.path,
         query_string=request.query_string,
-        headers=dict(request.headers),
+        headers=CIMultiDict(request.headers),
         body=body,
     ))
     replies = app[REPLIES]
@@ -157,3 +159,25 @@ def refused_url(path: str = "/v1") -> str:
         port = sock.getsockname()[1]
     # Closed without listen(): the kernel answers a SYN to this port with a RST.
     return f"http://127.0.0.1:{port}{path}"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A running scripted upstream."""
+
+    server: TestServer
+    app: web.Application
+
+    def url(self, path: str = "/v1") -> str:
+        return str(self.server.make_url(path))
+
+    @property
+    def requests(self) -> list[Recorded]:
+        return self.app[REQUESTS]
+
+
+async def start_upstream(aiohttp_server: Callable[[web.Application], Awaitable[TestServer]],
+                         replies: Sequence[Reply]) -> Upstream:
+    """Serve `replies` on a loopback port with pytest-aiohttp's `aiohttp_server` fixture."""
+    app = scripted_app(replies)
+    return Upstream(await aiohttp_server(app), app)
