@@ -21,6 +21,7 @@ from bulwark.errors import (
     RateLimited,
     ServiceUnavailable,
     UpstreamError,
+    UpstreamRejected,
     final_error,
 )
 from bulwark.providers.base import Call, Completion, StreamEvent
