@@ -11,7 +11,8 @@ import pytest
 from bulwark.config import Settings
 from tests.conftest import GatewayFactory, Sim, SimFactory, provider
 
-MSG = [{"role": "user", "content": "Hi"}]
+MSG: Any = [{"role": "user", "content": "Hi"}]
+HUGE: Any = [{"role": "user", "content": "x" * (1 << 20)}]
 
 
 async def three(sim: SimFactory, gateway: GatewayFactory, **p1: Any) -> tuple[list[Sim], Any]:
@@ -300,7 +301,7 @@ async def test_sdk_exception_classes(sim: SimFactory, gateway: GatewayFactory) -
             await client.chat.completions.create(model="default", messages=[])
         with pytest.raises(openai.APIStatusError) as info:
             await client.chat.completions.create(
-                model="default", messages=[{"role": "user", "content": "x" * (1 << 20)}])
+                model="default", messages=HUGE)
         assert info.value.status_code == 413
 
 
