@@ -418,7 +418,8 @@ class Breaker:
         # Permits of an earlier half-open phase do not carry over into a new one.
         self._in_flight = 0
         self._trial_successes = 0
-        logger.info(
+        # DEBUG: the owner's callback writes the structured INFO line (provider, transition).
+        logger.debug(
             "breaker %s: %s -> %s (%s, %s)", self.name, from_state, to_state, source, reason
         )
         callback = self._on_transition

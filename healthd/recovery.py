@@ -40,6 +40,7 @@ class Recovery:
         # Bumped on every transition of a breaker: a trial permit taken in an earlier phase
         # (before a remote reset, say) must not be counted in the next one.
         self._phase: dict[str, int] = dict.fromkeys(self.breakers, 0)
+        #: Permits `due()` took, waiting for the provider's next probe to claim them.
         self._permits: dict[str, int] = {}
 
     def _on_transition(self, t: Transition) -> None:
@@ -78,14 +79,15 @@ class Recovery:
     def due(self) -> list[str]:
         """Move every breaker whose open period is over to HALF_OPEN; their names.
 
-        The trial permit taken here belongs to the provider's next probe.
+        The trial permit taken here waits for the provider's next probe to claim it.
         """
         ready: list[str] = []
         for name, breaker in self.breakers.items():
-            if breaker.state is State.OPEN and breaker.retry_in() <= 0:
-                self._take_permit(name, breaker)
-                if breaker.state is State.HALF_OPEN:
-                    ready.append(name)
+            if breaker.state is State.OPEN and breaker.retry_in() <= 0 and breaker.allow():
+                # allow() has just moved it to HALF_OPEN (auto_half_open), so the phase is
+                # read after it.
+                self._permits[name] = self._phase[name]
+                ready.append(name)
         return ready
 
     def next_due_in(self) -> float | None:
@@ -95,32 +97,32 @@ class Recovery:
 
     # -- probes as trials -----------------------------------------------------------------------
 
-    def before_probe(self, name: str) -> None:
-        """A probe of `name` is about to start: make it a trial when a trial is due."""
+    def before_probe(self, name: str) -> int | None:
+        """A probe of `name` starts now. Returns its trial token when it is a trial (hand it
+        to `after_probe`), None otherwise. A probe already running when the breaker went
+        half-open never counts: it was not sent as a trial."""
         breaker = self.breakers.get(name)
-        if breaker is None or self._permits.get(name) == self._phase[name]:
-            return
-        self._permits.pop(name, None)
-        if breaker.state is State.HALF_OPEN or (
-            breaker.state is State.OPEN and breaker.retry_in() <= 0
-        ):
-            self._take_permit(name, breaker)
+        if breaker is None:
+            return None
+        phase = self._permits.pop(name, None)
+        if phase is not None and phase == self._phase[name]:
+            return phase
+        # allow() says yes to every call while CLOSED (no trial then), no while OPEN before
+        # the period is over, and hands out trial permits otherwise (moving to HALF_OPEN
+        # first when the period has just ended).
+        if breaker.state is not State.CLOSED and breaker.allow():
+            return self._phase[name]
+        return None
 
-    def after_probe(self, name: str, *, ok: bool, duration_sec: float, reason: str) -> None:
+    def after_probe(self, name: str, token: int | None, *, ok: bool, duration_sec: float,
+                    reason: str) -> None:
         """Count a finished probe as a trial, if it was one."""
         breaker = self.breakers.get(name)
-        phase = self._permits.pop(name, None)
-        if breaker is None or phase is None:
+        if breaker is None or token is None:
             return
-        if phase != self._phase[name] or breaker.state is not State.HALF_OPEN:
+        if token != self._phase[name] or breaker.state is not State.HALF_OPEN:
             return  # the breaker moved while the probe ran: its permit is void
         if ok:
             breaker.record_success(duration_sec)
         else:
             breaker.record_failure(duration_sec, reason)
-
-    def _take_permit(self, name: str, breaker: Breaker) -> None:
-        # allow() itself moves OPEN -> HALF_OPEN once the period is over (auto_half_open),
-        # so the phase is read after it.
-        if breaker.allow():
-            self._permits[name] = self._phase[name]

@@ -131,4 +131,4 @@ class HealthWindow:
             limit *= cfg.slow_recover_ratio
         if mean > limit:
             return Verdict(Health.DEGRADED, f"mean probe latency {mean:.0f} ms over {limit:.0f} ms")
-        return Verdict(Health.HEALTHY, f"{n} good probes, mean latency {mean:.0f} ms")
+        return Verdict(Health.HEALTHY, f"last {n} probes good, mean latency {mean:.0f} ms")

@@ -30,7 +30,7 @@ def _wait_http(url: str, timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:
-            with urllib.request.urlopen(url, timeout=0.5) as resp:  # noqa: S310 - loopback URL
+            with urllib.request.urlopen(url, timeout=0.5) as resp:
                 if resp.status < 500:
                     return True
         except OSError:

@@ -72,7 +72,8 @@ def create_app(settings: Settings, providers: list[Provider], *,
             return
         from bulwark.bus import Bus  # only processes with a database load asyncpg
 
-        bus = Bus(settings.database_url, app[keys.VIEW], name=sync.name)
+        # A 0.5 s heartbeat bounds a frozen listener's detection + resync at ~1.5 s (< 2 s).
+        bus = Bus(settings.database_url, app[keys.VIEW], name=sync.name, heartbeat_sec=0.5)
         await bus.start()
         try:
             async for _ in run_sync(sync, bus):

@@ -1,0 +1,91 @@
+"""Log lines: structured JSON (or text) on one handler, never carrying a secret."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from bulwark.config import ProviderConfig, Settings, resolve
+from bulwark.logs import add_secrets, provider_secrets, setup_logging
+
+SECRET = "alpha-secret-value-1234"
+
+
+@pytest.fixture
+def restore_root() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_json_line_has_the_fields_and_extras(restore_root: None) -> None:
+    """A JSON line carries ts, level, logger, msg and the extra fields given."""
+    out = io.StringIO()
+    setup_logging("INFO", "json", stream=out)
+    logging.getLogger("healthd").warning("health %s", "down", extra={
+        "provider": "alpha", "transition": "healthy->unhealthy", "reason": "2 failed",
+        "term": 3})
+    doc = json.loads(out.getvalue())
+    assert doc["level"] == "WARNING"
+    assert doc["logger"] == "healthd"
+    assert doc["msg"] == "health down"
+    assert doc["ts"].endswith("Z")
+    assert (doc["provider"], doc["transition"], doc["reason"], doc["term"]) == (
+        "alpha", "healthy->unhealthy", "2 failed", 3)
+
+
+def test_secrets_are_redacted_everywhere(restore_root: None) -> None:
+    """A provider key never appears: not in the message, the extras or a traceback."""
+    out = io.StringIO()
+    setup_logging("DEBUG", "json", secrets=[SECRET], stream=out)
+    log = logging.getLogger("test")
+    log.info("calling with %s", SECRET, extra={"reason": f"auth {SECRET} refused"})
+    try:
+        raise ValueError(f"bad key {SECRET}")
+    except ValueError:
+        log.exception("failed")
+    log.info("header was Authorization: Bearer sk-abcdefghijklmnop")
+    text = out.getvalue()
+    assert SECRET not in text
+    assert "sk-abcdefghijklmnop" not in text
+    assert text.count("[redacted]") >= 4
+    for line in text.splitlines():
+        json.loads(line)
+
+
+def test_text_format_and_late_secrets(restore_root: None) -> None:
+    """The text format is one line with key=value extras; secrets added later are redacted."""
+    out = io.StringIO()
+    setup_logging("INFO", "text", stream=out)
+    add_secrets([SECRET])
+    logging.getLogger("healthd").info("key is %s", SECRET, extra={"provider": "alpha"})
+    line = out.getvalue().strip()
+    assert SECRET not in line
+    assert "healthd: " in line
+    assert line.endswith("provider=alpha")
+
+
+def test_level_filters_and_setup_is_idempotent(restore_root: None) -> None:
+    """Calling setup twice leaves one handler; records below the level are dropped."""
+    out = io.StringIO()
+    setup_logging("INFO", "json", stream=io.StringIO())
+    setup_logging("warning", "json", stream=out)
+    assert sum(h.get_name() == "bulwark" for h in logging.getLogger().handlers) == 1
+    logging.getLogger("x").info("quiet")
+    assert out.getvalue() == ""
+
+
+def test_provider_secrets_reads_the_named_variables() -> None:
+    """Secrets are the values of the variables providers name; unset or tiny ones are skipped."""
+    cfgs = [ProviderConfig(name=n, kind="openai", base_url="http://x/v1", api_key_env=var,
+                           models={"m": "m"})
+            for n, var in [("a", "A_KEY"), ("b", "B_KEY"), ("c", "C_KEY"), ("d", None)]]
+    providers = [resolve(c, Settings()) for c in cfgs]
+    env = {"A_KEY": SECRET, "B_KEY": "xy"}
+    assert provider_secrets(providers, env) == (SECRET,)
