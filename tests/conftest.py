@@ -3,12 +3,16 @@ SDK as its client, and (from tests/pg.py) a throwaway PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import openai
 import pytest
 from aiohttp import web
@@ -17,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from bulwark.config import Provider, ProviderConfig, Settings, resolve
 from ops.sim import create_sim_app
 from service.app import create_app
+from tests.procs import INTERVAL, ROOT, Daemon, Spawn
 
 if importlib.util.find_spec("tests.pg") is not None:
     from tests.pg import pg_clean, pg_dsn  # noqa: F401
@@ -97,3 +102,37 @@ async def gateway(aiohttp_server: Any) -> AsyncIterator[GatewayFactory]:
     yield start
     for c in clients:
         await c.close()
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
+    daemons: list[Daemon] = []
+
+    async def start(dsn: str | None, providers: Path, *, module: str = "healthd",
+                    **extra: str) -> Daemon:
+        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+        env.update({"HEALTHD_INTERVAL_SEC": str(INTERVAL), "BULWARK_PROVIDERS": str(providers),
+                    "CB_RESET_SEC": "1", "LOG_LEVEL": "INFO", "LOG_FORMAT": "json", **extra})
+        if dsn is not None:
+            env["DATABASE_URL"] = dsn
+        log = tmp_path / f"{module}-{len(daemons)}.log"
+        with log.open("wb") as sink:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", module, cwd=ROOT, env=env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink)
+        daemon = Daemon(proc, log)
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        if daemon.proc.returncode is None:
+            daemon.proc.kill()
+            await daemon.proc.wait()
+
+
+@pytest.fixture
+async def db(pg_clean: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(pg_clean)
+    yield conn
+    await conn.close()

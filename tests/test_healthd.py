@@ -5,127 +5,27 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
-import aiohttp
 import asyncpg
 import pytest
 
 from bulwark.bus import Bus
 from bulwark.state import View
 from healthd.leader import LOCK_KEY
-from tests.conftest import Sim, SimFactory
+from tests.conftest import SimFactory
+from tests.procs import (
+    Daemon,
+    Spawn,
+    heal,
+    health_is,
+    holder,
+    state_of,
+    until,
+    write_providers,
+)
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
-INTERVAL = 0.5
-T = TypeVar("T")
-
-
-async def until(probe: Callable[[], Awaitable[T | None]], *, within: float = 15.0,
-                what: str = "condition") -> T:
-    """Poll until probe() returns something truthy; fail after `within` seconds (a bound
-    that keeps a broken test from hanging, not a timing claim)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} not reached within {within} s")
-        await asyncio.sleep(0.05)
-
-
-class Daemon:
-    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
-        self.proc = proc
-        self.log = log
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    async def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-        return await asyncio.wait_for(self.proc.wait(), 20)
-
-
-Spawn = Callable[..., Awaitable[Daemon]]
-
-
-async def heal(target: Sim) -> None:
-    async with aiohttp.ClientSession() as s, s.post(
-        target.server.make_url("/_sim/reset")) as resp:
-        assert resp.status < 300
-
-
-def write_providers(path: Path, sims: list[Sim]) -> Path:
-    blocks = [
-        f'[[providers]]\nname = "{s.name}"\nkind = "openai"\nbase_url = "{s.url}"\n'
-        f'api_key_env = "{s.name.upper()}_KEY"\n[providers.models]\ndefault = "sim-1"\n'
-        for s in sims
-    ]
-    path.write_text("\n".join(blocks))
-    return path
-
-
-@pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
-    daemons: list[Daemon] = []
-
-    async def start(dsn: str | None, providers: Path, **extra: str) -> Daemon:
-        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-        env.update(HEALTHD_INTERVAL_SEC=str(INTERVAL), BULWARK_PROVIDERS=str(providers),
-                   CB_RESET_SEC="1", LOG_LEVEL="INFO", LOG_FORMAT="json", **extra)
-        if dsn is not None:
-            env["DATABASE_URL"] = dsn
-        log = tmp_path / f"healthd-{len(daemons)}.log"
-        with log.open("wb") as sink:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "healthd", cwd=ROOT, env=env,
-                stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink)
-        daemon = Daemon(proc, log)
-        daemons.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in daemons:
-        if daemon.proc.returncode is None:
-            daemon.proc.kill()
-            await daemon.proc.wait()
-
-
-@pytest.fixture
-async def db(pg_clean: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(pg_clean)
-    yield conn
-    await conn.close()
-
-
-async def state_of(db: asyncpg.Connection, provider: str) -> asyncpg.Record | None:
-    return await db.fetchrow("select * from provider_state where provider = $1", provider)
-
-
-def health_is(db: asyncpg.Connection, provider: str,
-              health: str) -> Callable[[], Awaitable[asyncpg.Record | None]]:
-    async def probe() -> asyncpg.Record | None:
-        row = await state_of(db, provider)
-        return row if row is not None and row["health"] == health else None
-    return probe
-
-
-async def holder(db: asyncpg.Connection) -> str | None:
-    value = await db.fetchval("select holder from healthd_heartbeat where id = 1")
-    return None if value is None else str(value)
 
 
 async def test_failing_provider_goes_unhealthy_and_recovers(

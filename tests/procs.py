@@ -1,0 +1,89 @@
+"""Helpers for tests that run real processes (web, healthd) against real Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import aiohttp
+import asyncpg
+
+if TYPE_CHECKING:
+    from tests.conftest import Sim
+
+ROOT = Path(__file__).resolve().parent.parent
+INTERVAL = 0.5
+T = TypeVar("T")
+
+
+async def until(probe: Callable[[], Awaitable[T | None]], *, within: float = 15.0,
+                what: str = "condition") -> T:
+    """Poll until probe() returns something truthy; fail after `within` seconds (a bound
+    that keeps a broken test from hanging, not a timing claim)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} not reached within {within} s")
+        await asyncio.sleep(0.05)
+
+
+class Daemon:
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
+        self.proc = proc
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        return await asyncio.wait_for(self.proc.wait(), 20)
+
+
+Spawn = Callable[..., Awaitable["Daemon"]]
+
+
+async def heal(target: Sim) -> None:
+    async with aiohttp.ClientSession() as s, s.post(
+        target.server.make_url("/_sim/reset")) as resp:
+        assert resp.status < 300
+
+
+def write_providers(path: Path, sims: list[Sim]) -> Path:
+    blocks = [
+        f'[[providers]]\nname = "{s.name}"\nkind = "openai"\nbase_url = "{s.url}"\n'
+        f'api_key_env = "{s.name.upper()}_KEY"\n[providers.models]\ndefault = "sim-1"\n'
+        for s in sims
+    ]
+    path.write_text("\n".join(blocks))
+    return path
+
+
+async def state_of(db: asyncpg.Connection, provider: str) -> asyncpg.Record | None:
+    return await db.fetchrow("select * from provider_state where provider = $1", provider)
+
+
+def health_is(db: asyncpg.Connection, provider: str,
+              health: str) -> Callable[[], Awaitable[asyncpg.Record | None]]:
+    async def probe() -> asyncpg.Record | None:
+        row = await state_of(db, provider)
+        return row if row is not None and row["health"] == health else None
+    return probe
+
+
+async def holder(db: asyncpg.Connection) -> str | None:
+    value = await db.fetchval("select holder from healthd_heartbeat where id = 1")
+    return None if value is None else str(value)
+
