@@ -4,7 +4,6 @@ SDK as its client, and (from tests/pg.py) a throwaway PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import openai
 import pytest
 from aiohttp import web
@@ -21,10 +19,8 @@ from aiohttp.test_utils import TestServer
 from bulwark.config import Provider, ProviderConfig, Settings, resolve
 from ops.sim import create_sim_app
 from service.app import create_app
+from tests.pg import db, pg_clean, pg_dsn  # noqa: F401  (fixtures)
 from tests.procs import INTERVAL, ROOT, Daemon, Spawn
-
-if importlib.util.find_spec("tests.pg") is not None:
-    from tests.pg import pg_clean, pg_dsn  # noqa: F401
 
 # Tests must not pick up a developer's own configuration.
 for _var in ("DATABASE_URL", "BULWARK_PROVIDERS", "BULWARK_PORT", "PORT"):
@@ -129,10 +125,3 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
         if daemon.proc.returncode is None:
             daemon.proc.kill()
             await daemon.proc.wait()
-
-
-@pytest.fixture
-async def db(pg_clean: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(pg_clean)
-    yield conn
-    await conn.close()

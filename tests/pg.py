@@ -123,3 +123,10 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(step)
+
+
+@pytest.fixture
+async def db(pg_clean: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(pg_clean)
+    yield conn
+    await conn.close()
