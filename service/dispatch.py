@@ -213,7 +213,7 @@ class Dispatcher:
                 if not err.policy.failover:
                     raise _rejected(err, False if attempts > 1 else None) from None
             finally:
-                await events.aclose()  # type: ignore[attr-defined]
+                await events.aclose()
         raise self._no_provider(req, failures, plan.count)
 
 

@@ -10,7 +10,7 @@ complete only at `message_stop`; anything shorter is a failed attempt.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -397,7 +397,7 @@ class AnthropicAdapter:
         return AnswerBuilder(call.request.model).completion(
             content=text, tool_calls=tool_calls, finish_reason=finish, usage=usage)
 
-    async def stream(self, call: Call) -> AsyncIterator[StreamEvent]:
+    async def stream(self, call: Call) -> AsyncGenerator[StreamEvent, None]:
         _, secrets = self._headers(None)
         out = AnswerBuilder(call.request.model)
         started = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import NamedTuple, Protocol
 
@@ -69,7 +69,7 @@ class Adapter(Protocol):
         """The whole answer, or raise `UpstreamError`."""
         ...
 
-    def stream(self, call: Call) -> AsyncIterator[StreamEvent]:
+    def stream(self, call: Call) -> AsyncGenerator[StreamEvent, None]:
         """Chunks in order; the last has a finish_reason (a usage-only chunk may follow).
 
         Raises `UpstreamError` on any failure, including a stream that ends early.

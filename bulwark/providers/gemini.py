@@ -16,7 +16,7 @@ a `RetryInfo` detail, and a region the API refuses is a 400 `FAILED_PRECONDITION
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -483,7 +483,7 @@ class GeminiAdapter:
             content="".join(texts), tool_calls=tool_calls,
             finish_reason=_finish(cand.finish_reason or "STOP", bool(tool_calls)), usage=usage)
 
-    async def stream(self, call: Call) -> AsyncIterator[StreamEvent]:
+    async def stream(self, call: Call) -> AsyncGenerator[StreamEvent, None]:
         headers, secrets = self._headers(call)
         headers["Accept"] = "text/event-stream"
         url = self._url(call.upstream_model, "streamGenerateContent") + "?alt=sse"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 
 import aiohttp
 import msgspec
@@ -95,7 +95,7 @@ class OpenAIAdapter:
             raise UpstreamError(C.MALFORMED_RESPONSE, detail="completion without choices")
         return Completion(raw, parsed)
 
-    async def stream(self, call: Call) -> AsyncIterator[StreamEvent]:
+    async def stream(self, call: Call) -> AsyncGenerator[StreamEvent, None]:
         headers, secrets = self._headers(call)
         headers["Accept"] = "text/event-stream"
         finished = False
