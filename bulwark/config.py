@@ -31,8 +31,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http_timeout_sec: PositiveFloat = 30.0
     http_retries: NonNegInt = 2
     http_backoff_base_ms: Annotated[float, Meta(ge=0)] = 200.0
-    #: Cap on Retry-After we are willing to wait for before failing over instead.
-    retry_after_cap_sec: PositiveFloat = 10.0
+    #: Upper bound on any upstream Retry-After we believe (and pass on in a 429): a provider
+    #: asking for more than five minutes is out of the rotation that long anyway.
+    retry_after_cap_sec: PositiveFloat = 300.0
     #: Whole-request budget (all attempts) when the client states none.
     request_timeout_sec: PositiveFloat = 120.0
     #: Upstream attempts for one request across retries and failover: bounds amplification.

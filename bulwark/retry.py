@@ -37,12 +37,18 @@ def retry_delay(err: UpstreamError, *, attempt: int, retries: int, backoff: Back
     """Seconds to wait before trying the same provider again, or None to move on.
 
     `attempt` counts this provider's attempts so far from 0. An upstream's Retry-After
-    (already capped when parsed) replaces the computed backoff; a wait that would not leave
-    time for the retry itself is pointless, so it means "move on".
+    replaces the computed backoff, but only while it is no longer than the backoff cap:
+    a provider asking for a longer pause is better replaced by the next one now. A wait that
+    would not leave time for the retry itself is pointless too: "move on".
     """
     if not err.policy.retry or attempt >= retries:
         return None
-    wait = err.retry_after if err.retry_after is not None else backoff.delay(attempt, rng)
+    if err.retry_after is not None:
+        if err.retry_after > backoff.cap_sec:
+            return None
+        wait = err.retry_after
+    else:
+        wait = backoff.delay(attempt, rng)
     if wait >= time_left:
         return None
     return wait

@@ -177,6 +177,9 @@ class Dispatcher:
                         if ev.chunk.has_content:
                             break
                     timer.reschedule(total_at)
+                    # A long answer is not a slow provider: for streams the breaker's
+                    # slow-call rule judges the time to the first token.
+                    ttft = self._clock() - now
                     fallback: Fallback = "failover" if failures else "none"
                     sent = True
                     await sink.start(rt.name, attempts, fallback)
@@ -184,7 +187,7 @@ class Dispatcher:
                         await sink.event(ev)
                     async for ev in events:
                         await sink.event(ev)
-                rt.breaker.record_success(self._clock() - now)
+                rt.breaker.record_success(ttft)
                 await sink.done()
                 return
             except ClientGone:

@@ -338,3 +338,14 @@ async def test_unknown_path_is_openai_404(sim: SimFactory, gateway: GatewayFacto
         assert resp.status == 404
         assert (await resp.json())["error"]["code"] == "not_found"
         assert resp.headers["x-request-id"]
+
+
+async def test_long_retry_after_on_5xx_fails_over_at_once(sim: SimFactory,
+                                                          gateway: GatewayFactory) -> None:
+    """A 503 with Retry-After: 60 is not waited out on the same provider: failover now."""
+    sims, gw = await three(sim, gateway, retries=2)
+    await sims[0].script(then={"status": 503, "retry_after": 60})
+    async with gw.client() as client:
+        raw = await client.chat.completions.with_raw_response.create(model="default", messages=MSG)
+    assert raw.headers["x-bulwark-provider"] == "beta"
+    assert (await sims[0].stats())["chat"] == 1

@@ -43,6 +43,12 @@ def test_retry_after_replaces_backoff_and_deadline_bounds_it() -> None:
     assert retry_delay(err, attempt=0, retries=2, backoff=B, time_left=1.0) is None
 
 
+def test_long_retry_after_fails_over_instead_of_waiting() -> None:
+    """A 503 asking for 60 s is not waited for: the next provider is tried now."""
+    err = UpstreamError(C.SERVER_ERROR, retry_after=60)
+    assert retry_delay(err, attempt=0, retries=2, backoff=B, time_left=120) is None
+
+
 def test_zero_base_turns_sleeping_off() -> None:
     """HTTP_BACKOFF_BASE_MS=0 retries at once (what tests use)."""
     err = UpstreamError(C.SERVER_ERROR)
