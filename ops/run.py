@@ -2,8 +2,8 @@
 
 - PostgreSQL: `DATABASE_URL` if set, else an embedded cluster kept under `.data/pg`.
 - The schema (`python -m schema migrate`).
-- The provider simulator on :9100 when no providers file is configured, so that the first
-  `curl` gets an answer.
+- The provider simulator on :9100 (served by the web process) when no providers file is
+  configured, so that the first `curl` gets an answer.
 - healthd, and `--web N` web processes sharing `BULWARK_PORT` (default 8080).
 
 Ctrl-C (or SIGTERM) stops the processes, then the embedded cluster.
@@ -74,11 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
         python = sys.executable
         if providers_path(settings) is None:
-            port = settings.sim_url.rsplit(":", 1)[-1].split("/", 1)[0]
-            procs.append(("sim", subprocess.Popen(
-                [python, "-m", "ops.sim", "--port", port], env=env)))
-            _wait_http(settings.sim_url.rsplit("/v1", 1)[0] + "/health", 10)
-            print(f"run: no providers file: simulator on {settings.sim_url}", flush=True)
+            print(f"run: no providers file: the web process serves the simulator at "
+                  f"{settings.sim_url}", flush=True)
         if not args.no_healthd:
             procs.append(("healthd", subprocess.Popen([python, "-m", "healthd"], env=env)))
         for _ in range(args.web):

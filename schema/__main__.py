@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 
 import asyncpg
@@ -37,8 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     for version in applied:
         print(f"applied {version:04d}_{names[version]}")
     latest = max(names, default=0)
-    print(f"schema at version {latest:04d}" + ("" if applied else " (up to date)"))
+    print(f"schema at version {latest:04d}" + ("" if applied else " (up to date)"), flush=True)
+    if os.environ.get("HONCHO_PROCESS_NAME"):
+        _hold()
     return 0
+
+
+def _hold() -> None:
+    """Under honcho any process that exits stops the whole formation (FACTS), so the
+    release step, once done, waits quietly for the formation's SIGTERM instead. On a
+    platform with a real release phase (no honcho) it exits as usual."""
+    print("release done; idle until the formation stops (honcho)", flush=True)
+    signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    signal.sigwait(signals)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,45 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from bulwark.config import ConfigError, load_providers, settings_from_env
+from bulwark.config import ConfigError, Settings, load_providers, providers_path, settings_from_env
 from bulwark.logs import provider_secrets, setup_logging
 from service.app import create_app
 
 log = logging.getLogger("bulwark.web")
+
+
+def embedded_simulator(
+        settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    """With no providers file, the built-in simulator answers at BULWARK_SIM_URL, served
+    from this process, so that `python -m service` alone answers a first curl. Several web
+    processes share its port like they share theirs; an external simulator already on that
+    port (ops/run, tests) is used instead."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        from ops.sim import create_sim_app
+
+        url = urlsplit(settings.sim_url)
+        runner = web.AppRunner(create_sim_app("sim"), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, url.hostname or "127.0.0.1", url.port or 9100,
+                           reuse_port=True)
+        try:
+            await site.start()
+            log.info("no providers file: built-in simulator serving",
+                     extra={"url": settings.sim_url})
+        except OSError:
+            log.info("no providers file: using the simulator already at %s", settings.sim_url)
+        try:
+            yield
+        finally:
+            await runner.cleanup()
+
+    return ctx
 
 
 def main() -> int:
@@ -26,19 +57,20 @@ def main() -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency, but optional in spirit
-        loop_factory = None
+        loop = asyncio.new_event_loop()
     else:
-        loop_factory = uvloop.new_event_loop
+        loop = uvloop.new_event_loop()
     app = create_app(settings, providers)
+    if providers_path(settings) is None:
+        app.cleanup_ctx.insert(0, embedded_simulator(settings))
 
-    async def announce(app: web.Application) -> None:
+    def announce(_: str) -> None:
+        # run_app calls this once every site is bound: "ready" means accepting requests.
         log.info("web ready", extra={"host": settings.host, "port": settings.port,
-                                     "providers": [p.name for p in providers]})
+                                     "providers": ",".join(p.name for p in providers)})
 
-    app.on_startup.append(announce)
-    loop = loop_factory() if loop_factory else asyncio.new_event_loop()
     web.run_app(app, host=settings.host, port=settings.port, reuse_port=True,
-                access_log=None, print=None, shutdown_timeout=settings.drain_sec, loop=loop)
+                access_log=None, print=announce, shutdown_timeout=settings.drain_sec, loop=loop)
     return 0
 
 

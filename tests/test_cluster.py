@@ -272,27 +272,33 @@ async def alpha_busy(alpha: Sim) -> bool:
     return (await alpha.stats())["chat"] >= 1
 
 
-def test_honcho_serves_one_port_from_several_web_processes(tmp_path: Path) -> None:
-    """`honcho start -c web=2` gives two web processes listening on one BULWARK_PORT, and
-    the address answers chat (simulator provider, no database)."""
-    port = free_port()
-    procfile = tmp_path / "Procfile"
-    procfile.write_text(f"web: {sys.executable} -m service\n"
-                        f"sim: {sys.executable} -m ops.sim --port {free_port()}\n")
-    sim_port = procfile.read_text().split("--port ")[1].strip()
+async def test_honcho_formation_serves_one_port(pg_clean: str) -> None:
+    """The repo's own Procfile under `honcho start -c web=2`: release migrates and stays
+    idle (an exiting process would stop the formation), two web processes listen on one
+    BULWARK_PORT, healthd runs, and the built-in simulator answers chat."""
+    port, sim_port = free_port(), free_port()
     env = {**os.environ, "BULWARK_PORT": str(port), "LOG_FORMAT": "text",
-           "BULWARK_SIM_URL": f"http://127.0.0.1:{sim_port}/v1"}
-    env.pop("DATABASE_URL", None)
+           "DATABASE_URL": pg_clean, "HEALTHD_INTERVAL_SEC": "0.5",
+           "BULWARK_SIM_URL": f"http://127.0.0.1:{sim_port}/v1",
+           # honcho runs `python`: the venv's, as after `. .venv/bin/activate`.
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     honcho = subprocess.Popen(
-        [str(Path(sys.executable).parent / "honcho"), "-f", str(procfile), "-d", str(ROOT),
-         "start", "-c", "web=2,sim=1"], env=env, stdout=subprocess.PIPE,
+        [str(Path(sys.executable).parent / "honcho"), "-f", str(ROOT / "Procfile"),
+         "-d", str(ROOT), "start", "-c", "web=2"], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        asyncio.run(_check_two_listeners(port))
+        await _check_two_listeners(port)
+        async with aiohttp.ClientSession() as s, s.get(
+                f"http://127.0.0.1:{port}/health/ready") as resp:
+            assert resp.status == 200
+        assert honcho.poll() is None  # the formation is still up
     finally:
         os.killpg(honcho.pid, signal.SIGTERM)
-        out, _ = honcho.communicate(timeout=15)
-    assert b"web.1" in out and b"web.2" in out
+        out, _ = await asyncio.to_thread(honcho.communicate, timeout=15)
+    text = out.decode(errors="replace")
+    for name in ("release.1", "web.1", "web.2", "healthd.1"):
+        assert name in text
+    assert "release done" in text
 
 
 async def _check_two_listeners(port: int) -> None:
