@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 
@@ -10,6 +11,7 @@ from aiohttp import web
 from aiohttp.resolver import AsyncResolver
 
 from bulwark.breaker import Breaker, BreakerConfig
+from bulwark.bus import Bus
 from bulwark.config import Provider, Settings
 from bulwark.providers.registry import make_adapter
 from bulwark.retry import Backoff
@@ -19,7 +21,7 @@ from service.dispatch import Dispatcher
 from service.edge import edge
 from service.router import ProviderRuntime, Router
 from service.routes import chat, health
-from service.sync import StateSync, run_sync
+from service.sync import ErrorRecorder, StateSync, run_sync
 
 log = logging.getLogger("bulwark.web")
 
@@ -59,9 +61,12 @@ def create_app(settings: Settings, providers: list[Provider], *,
         app[keys.VIEW].subscribe(sync.on_row)
         app[keys.ROUTER] = router
         app[keys.SYNC] = sync
+        recorder = ErrorRecorder()
+        app[keys.ERRORS] = recorder
         app[keys.DISPATCHER] = Dispatcher(
             router, max_attempts=settings.max_attempts,
-            backoff=Backoff(base_sec=settings.http_backoff_base_ms / 1000.0))
+            backoff=Backoff(base_sec=settings.http_backoff_base_ms / 1000.0),
+            observer=recorder if settings.database_url else None)
         yield
 
     async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -70,15 +75,18 @@ def create_app(settings: Settings, providers: list[Provider], *,
             async for _ in run_sync(sync, None):
                 yield
             return
-        from bulwark.bus import Bus  # only processes with a database load asyncpg
-
         # A 0.5 s heartbeat bounds a frozen listener's detection + resync at ~1.5 s (< 2 s).
         bus = Bus(settings.database_url, app[keys.VIEW], name=sync.name, heartbeat_sec=0.5)
         await bus.start()
+        recorder = app[keys.ERRORS]
+        flusher = asyncio.create_task(recorder.run(bus), name="service-errors")
         try:
             async for _ in run_sync(sync, bus):
                 yield
         finally:
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+            await recorder.flush(bus)
             await bus.close()
 
     app.cleanup_ctx.append(session_ctx)

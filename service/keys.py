@@ -9,7 +9,7 @@ from bulwark.config import Provider, Settings
 from bulwark.state import View
 from service.dispatch import Dispatcher
 from service.router import Router
-from service.sync import StateSync
+from service.sync import ErrorRecorder, StateSync
 
 SETTINGS = web.AppKey("settings", Settings)
 PROVIDERS = web.AppKey("providers", list[Provider])
@@ -18,5 +18,6 @@ VIEW = web.AppKey("view", View)
 ROUTER = web.AppKey("router", Router)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SYNC = web.AppKey("sync", StateSync)
+ERRORS = web.AppKey("errors", ErrorRecorder)
 
 REQUEST_ID = web.RequestKey("request_id", str)

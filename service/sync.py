@@ -15,11 +15,14 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Protocol
 
 import msgspec
 
 from bulwark.breaker import State, Transition
+from bulwark.bus import Bus, ServiceError
+from bulwark.errors import UpstreamError
 from bulwark.state import StateRow
 from service.router import Router
 
@@ -105,3 +108,37 @@ async def run_sync(sync: StateSync, publisher: Publisher | None) -> AsyncIterato
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class ErrorRecorder:
+    """Classified upstream failures, batched into `service_errors` rows off the request
+    path. The detail was sanitised by the adapter (no keys, no bodies beyond a redacted
+    snippet). Bounded: under a storm of failures the oldest unsent rows are dropped and
+    counted, rather than memory growing while Postgres is slow or down."""
+
+    #: One flush a second keeps rows near real time at a handful of INSERTs per second.
+    FLUSH_SEC = 1.0
+    MAX_PENDING = 5_000
+
+    def __init__(self) -> None:
+        self._pending: list[ServiceError] = []
+        self.dropped = 0
+
+    def attempt_failed(self, provider: str, err: UpstreamError, request_id: str,
+                       model: str) -> None:
+        if len(self._pending) >= self.MAX_PENDING:
+            self._pending.pop(0)
+            self.dropped += 1
+        self._pending.append(ServiceError(
+            error_class=str(err.cls), provider=provider, request_id=request_id, model=model,
+            status=err.status, detail=err.detail, at=datetime.now(UTC)))
+
+    async def run(self, bus: Bus) -> None:
+        while True:
+            await asyncio.sleep(self.FLUSH_SEC)
+            await self.flush(bus)
+
+    async def flush(self, bus: Bus) -> None:
+        batch, self._pending = self._pending, []
+        if batch and not await bus.record_errors(batch):
+            self.dropped += len(batch)

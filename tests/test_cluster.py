@@ -117,7 +117,8 @@ async def test_breaker_tripped_in_one_process_opens_in_all(
         two_sims: tuple[Sim, Sim], spawn: Spawn, pg_clean: str, db: asyncpg.Connection,
         tmp_path: Path) -> None:
     """User traffic that trips alpha's breaker in web A is published: web B stops sending
-    to alpha without having seen a failure itself; healthd's probes close it again."""
+    to alpha without having seen a failure itself; healthd's probes close it again. The
+    failures are recorded as service_errors rows."""
     alpha, beta = two_sims
     providers = write_providers(tmp_path / "p.toml", [alpha, beta])
     await spawn(pg_clean, providers, CB_RESET_SEC="2")
@@ -130,6 +131,11 @@ async def test_breaker_tripped_in_one_process_opens_in_all(
         status, name, _n = await a.chat()
         assert (status, name) == (200, "beta")
     await until(lambda: breaker_is(db, "alpha", "open"), what="breaker open in Postgres")
+    # Each classified failure became a service_errors row (batched off the request path).
+    await until(lambda: db.fetchval("select count(*) >= 5 from service_errors where "
+                                    "provider = 'alpha' and error_class = 'server_error' "
+                                    "and request_id like 'req_%'"),
+                what="service_errors rows")
     seen = (await alpha.stats())["chat"]
     await until(lambda: b_breaker(b, "open"), what="B applied the open breaker")
     assert await b.chat() == (200, "beta", "1")
