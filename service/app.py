@@ -13,6 +13,7 @@ from aiohttp.resolver import AsyncResolver
 from bulwark.breaker import Breaker, BreakerConfig
 from bulwark.bus import Bus
 from bulwark.config import Provider, Settings
+from bulwark.errors import ServiceUnavailable
 from bulwark.providers.registry import make_adapter
 from bulwark.retry import Backoff
 from bulwark.state import View
@@ -21,9 +22,14 @@ from service.dispatch import Dispatcher
 from service.edge import edge
 from service.router import ProviderRuntime, Router
 from service.routes import chat, health
+from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync, run_sync
 
 log = logging.getLogger("bulwark.web")
+
+#: How long before the drain deadline open streams get their error event: enough for the
+#: write to reach the socket before aiohttp aborts the connection.
+SHUTDOWN_MARGIN_SEC = 0.5
 
 
 def create_app(settings: Settings, providers: list[Provider], *,
@@ -32,6 +38,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app[keys.SETTINGS] = settings
     app[keys.PROVIDERS] = providers
     app[keys.VIEW] = View()
+    app[keys.STREAMS] = OpenStreams()
     app.add_routes(chat.routes)
     app.add_routes(health.routes)
 
@@ -89,6 +96,22 @@ def create_app(settings: Settings, providers: list[Provider], *,
             await recorder.flush(bus)
             await bus.close()
 
+    async def end_streams_before_the_kill(app: web.Application) -> None:
+        """SIGTERM: aiohttp now waits up to drain_sec for in-flight requests, then aborts
+        them. A stream still running shortly before that is ended with an error event, so
+        the client never mistakes a cut for a complete answer."""
+
+        err = ServiceUnavailable("The gateway is shutting down; the answer is incomplete.",
+                                 code="gateway_shutdown", should_retry=True)
+        app[keys.STREAMS].abandon_all_later(
+            max(0.0, settings.drain_sec - SHUTDOWN_MARGIN_SEC), err)
+
+    async def streams_ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await app[keys.STREAMS].close()
+
+    app.on_shutdown.append(end_streams_before_the_kill)
+    app.cleanup_ctx.append(streams_ctx)
     app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(router_ctx)
     app.cleanup_ctx.append(bus_ctx)

@@ -9,6 +9,7 @@ from bulwark.config import Provider, Settings
 from bulwark.state import View
 from service.dispatch import Dispatcher
 from service.router import Router
+from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -19,5 +20,7 @@ ROUTER = web.AppKey("router", Router)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SYNC = web.AppKey("sync", StateSync)
 ERRORS = web.AppKey("errors", ErrorRecorder)
+#: Open SSE streams, so that shutdown can end them with an error event, never silently.
+STREAMS = web.AppKey("streams", OpenStreams)
 
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -325,3 +325,32 @@ async def _listeners(port: int, n: int) -> bool:
     lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
     listening = [ln for ln in lines if ln.split()[1].endswith(hexport) and ln.split()[3] == "0A"]
     return len(listening) == n
+
+
+async def test_shutdown_ends_a_long_stream_with_an_error_event(
+        two_sims: tuple[Sim, Sim], spawn: Spawn, tmp_path: Path) -> None:
+    """A stream still running when SIGTERM's drain period runs out ends with a
+    gateway_shutdown error event (never a silent cut), and the process exits in time."""
+    alpha, _ = two_sims
+    providers = write_providers(tmp_path / "p.toml", [alpha])
+    web = await start_web(spawn, None, providers, free_port(), BULWARK_DRAIN_SEC="1.5")
+    await alpha.script(then={"chunks": 200, "chunk_delay_ms": 50})  # a 10 s answer
+    body = bytearray()
+
+    async def read_stream() -> None:
+        async with aiohttp.ClientSession() as s, s.post(
+                f"{web.base}/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
+            async for chunk in resp.content.iter_any():
+                body.extend(chunk)
+
+    reader = asyncio.create_task(read_stream())
+    await until(lambda: _has(body, b"Hello"), what="stream started")
+    web.daemon.proc.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(reader, 10)
+    assert await asyncio.wait_for(web.daemon.proc.wait(), 10) == 0
+    assert b'"code":"gateway_shutdown"' in body
+    assert not body.endswith(b"data: [DONE]\n\n")
+
+
+async def _has(body: bytearray, needle: bytes) -> bool:
+    return needle in body

@@ -15,7 +15,7 @@ from bulwark.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLar
 from bulwark.providers.base import StreamEvent
 from bulwark.wire import ChatRequest, ModelCard, ModelList, encoder, request_decoder
 from service.dispatch import ClientGone, Fallback, Request
-from service.keys import DISPATCHER, REQUEST_ID, ROUTER, SETTINGS
+from service.keys import DISPATCHER, REQUEST_ID, ROUTER, SETTINGS, STREAMS
 
 routes = web.RouteTableDef()
 
@@ -112,15 +112,21 @@ class SseSink:
         self._request = request
         self._rid = request_id
         self.response: web.StreamResponse | None = None
+        self._closed = False
+        self._task: asyncio.Task[object] | None = None
 
     async def start(self, provider: str, attempts: int, fallback: Fallback) -> None:
         headers = _chat_headers(self._rid, provider, attempts, fallback)
         headers.update(_SSE_HEADERS)
         self.response = web.StreamResponse(status=200, headers=headers)
         await self.response.prepare(self._request)
+        self._task = asyncio.current_task()
+        self._request.app[STREAMS].add(self)
 
     async def _write(self, data: bytes) -> None:
         assert self.response is not None
+        if self._closed:
+            raise ClientGone
         try:
             await self.response.write(data)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError) as err:
@@ -132,17 +138,28 @@ class SseSink:
     async def done(self) -> None:
         await self._write(b"data: [DONE]\n\n")
         assert self.response is not None
+        self._closed = True
+        self._request.app[STREAMS].discard(self)
         await self.response.write_eof()
 
     async def fail(self, err: GatewayError) -> None:
         # No [DONE] after an error: the openai SDK raises on the error event, and a client
         # that ignored it must not take what came before for a complete answer.
+        self._request.app[STREAMS].discard(self)
         try:
             await self._write(b"data: " + encoder.encode(err.body()) + b"\n\n")
+            self._closed = True
             assert self.response is not None
             await self.response.write_eof()
-        except (ClientGone, asyncio.CancelledError):
+        except (ClientGone, ConnectionResetError, asyncio.CancelledError):
             pass
+
+    async def abandon(self, err: GatewayError) -> None:
+        """End this stream now with `err` (shutdown past the drain period) and stop the
+        handler that feeds it, so the process can exit before it is killed."""
+        await self.fail(err)
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
 
 
 @routes.get("/v1/models")
