@@ -69,8 +69,12 @@ def main() -> int:
         log.info("web ready", extra={"host": settings.host, "port": settings.port,
                                      "providers": ",".join(p.name for p in providers)})
 
+    # handler_cancellation: a client that hangs up cancels its handler, and with it the
+    # upstream request — no tokens generated (and billed) for nobody. It is also how the
+    # test server runs, so tests see what production does.
     web.run_app(app, host=settings.host, port=settings.port, reuse_port=True,
-                access_log=None, print=announce, shutdown_timeout=settings.drain_sec, loop=loop)
+                access_log=None, print=announce, shutdown_timeout=settings.drain_sec,
+                handler_cancellation=True, loop=loop)
     return 0
 
 

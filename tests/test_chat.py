@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -349,3 +350,23 @@ async def test_long_retry_after_on_5xx_fails_over_at_once(sim: SimFactory,
         raw = await client.chat.completions.with_raw_response.create(model="default", messages=MSG)
     assert raw.headers["x-bulwark-provider"] == "beta"
     assert (await sims[0].stats())["chat"] == 1
+
+
+async def test_client_leaving_before_first_token_is_not_an_error(
+        sim: SimFactory, gateway: GatewayFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """A client that hangs up while the gateway waits for the first token costs nothing:
+    no unhandled error, no failover, and the next request is served normally."""
+    sims, gw = await three(sim, gateway)
+    await sims[0].script(steps=[{"first_token_ms": 300}])
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(TimeoutError):
+            async with s.post(f"{gw.base_url}/chat/completions",
+                              json={"model": "default", "messages": MSG, "stream": True},
+                              timeout=aiohttp.ClientTimeout(total=0.1)) as resp:
+                await resp.read()
+    await asyncio.sleep(0.4)  # let the gateway reach its first write to the closed socket
+    async with gw.client() as client:
+        raw = await client.chat.completions.with_raw_response.create(model="default", messages=MSG)
+    assert raw.headers["x-bulwark-provider"] == "alpha"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert (await sims[1].stats())["chat"] == 0

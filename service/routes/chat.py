@@ -119,7 +119,10 @@ class SseSink:
         headers = _chat_headers(self._rid, provider, attempts, fallback)
         headers.update(_SSE_HEADERS)
         self.response = web.StreamResponse(status=200, headers=headers)
-        await self.response.prepare(self._request)
+        try:
+            await self.response.prepare(self._request)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as err:
+            raise ClientGone from err
         self._task = asyncio.current_task()
         self._request.app[STREAMS].add(self)
 
