@@ -6,6 +6,7 @@ on every request, and this path is measured against a bare proxy.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -27,8 +28,14 @@ log = logging.getLogger("bulwark.web")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# A random per-process prefix and a counter: unique across processes and restarts, and
+# ~1 µs cheaper per request than os.urandom (which is a syscall).
+_PREFIX = "req_" + os.urandom(6).hex()
+_counter = itertools.count()
+
+
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    return f"{_PREFIX}{next(_counter):012x}"
 
 
 def _valid_request_id(value: str) -> bool:

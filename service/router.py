@@ -104,9 +104,11 @@ class Router:
                     continue
             # Efraimidis-Spirakis: sorting by u**(1/w) descending is a weighted shuffle;
             # -log(u)/w ascending is the same order without a pow per candidate.
-            key = -math.log(1.0 - self._rng.random()) / rt.provider.weight
+            key = (-math.log(1.0 - self._rng.random()) / rt.provider.weight
+                   if len(candidates) > 1 else 0.0)
             keyed.append((self._tier(rt, trusted), rt.provider.priority, key, rt))
-        keyed.sort(key=lambda k: k[:3])
+        if len(keyed) > 1:
+            keyed.sort(key=lambda k: k[:3])
         return Plan(
             order=[k[3] for k in keyed],
             cooling_for=min(waits) if waits else None,

@@ -284,3 +284,17 @@ async def test_probe_chat(aiohttp_server: AiohttpServer, session: aiohttp.Client
     assert up.requests[0].json()["max_tokens"] == 1
     cut = await a.probe(chat=True, timeout=5)
     assert (cut.ok, cut.error_class) == (False, "network_reset")
+
+
+def test_split_events_framing() -> None:
+    """SSE framing as the spec has it: CRLF, multi-line data, named events, comments, and a
+    partial event kept for the next read."""
+    from bulwark.providers.base import split_events
+
+    events, rest = split_events(b'data: {"a":1}\r\n\r\n: keep-alive\n\nevent: ping\ndata: x\n'
+                                b"data: y\n\ndata: {\"b\"")
+    assert events == [("", b'{"a":1}'), ("ping", b"x\ny")]
+    assert rest == b'data: {"b"'
+    more, rest = split_events(rest + b":2}\n\n")
+    assert more == [("", b'{"b":2}')]
+    assert rest == b""

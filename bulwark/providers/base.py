@@ -12,7 +12,6 @@ import asyncio
 import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from contextlib import asynccontextmanager
 from typing import NamedTuple, Protocol
 
 import aiohttp
@@ -47,11 +46,14 @@ class Completion(NamedTuple):
     parsed: ChatCompletion
 
 
-class StreamEvent(NamedTuple):
+class StreamEvent(msgspec.Struct, array_like=True, gc=False):
     """One chunk: `raw` is the JSON the client receives after `data: `, `chunk` parsed."""
 
     raw: bytes
     chunk: Chunk
+    #: More events of the same network read follow at once: a sink may hold this one
+    #: and write them together (no delay: they are already here).
+    more: bool = False
 
 
 class ProbeResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -158,29 +160,77 @@ def client_timeout(provider: Provider) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.idle)
 
 
-@asynccontextmanager
-async def post(
-    session: aiohttp.ClientSession,
-    url: str,
-    *,
-    body: bytes,
-    headers: Mapping[str, str],
-    provider: Provider,
-    retry_after_cap: float,
-    secrets: tuple[str, ...] = (),
-) -> AsyncIterator[aiohttp.ClientResponse]:
-    """POST and yield a 2xx response; anything else raises a classified `UpstreamError`."""
-    try:
-        async with session.post(url, data=body, headers=headers,
-                                timeout=client_timeout(provider)) as resp:
-            if resp.status >= 300:
-                raise await error_from_response(resp, retry_after_cap=retry_after_cap,
-                                                secrets=secrets)
-            yield resp
-    except UpstreamError:
-        raise
-    except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as err:
-        raise translate(err) from err
+#: One ClientTimeout per distinct timeout setting, built once instead of per request.
+_TIMEOUTS: dict[object, aiohttp.ClientTimeout] = {}
+
+
+class post:  # noqa: N801
+    """POST and give a 2xx response; anything else raises a classified `UpstreamError`."""
+
+    __slots__ = ("_args", "_resp", "_retry_after_cap", "_secrets")
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, *, body: bytes,
+                 headers: Mapping[str, str], provider: Provider, retry_after_cap: float,
+                 secrets: tuple[str, ...] = ()) -> None:
+        timeout = _TIMEOUTS.get(provider.timeouts)
+        if timeout is None:
+            timeout = _TIMEOUTS[provider.timeouts] = client_timeout(provider)
+        self._args = (session, url, body, headers, timeout)
+        self._retry_after_cap = retry_after_cap
+        self._secrets = secrets
+        self._resp: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        session, url, body, headers, timeout = self._args
+        try:
+            resp = await session.post(url, data=body, headers=headers, timeout=timeout)
+        except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as err:
+            raise translate(err) from err
+        self._resp = resp
+        if resp.status >= 300:
+            try:
+                failure = await error_from_response(
+                    resp, retry_after_cap=self._retry_after_cap, secrets=self._secrets)
+            finally:
+                resp.release()
+            raise failure
+        return resp
+
+    async def __aexit__(self, et: object, exc: BaseException | None, tb: object) -> None:
+        assert self._resp is not None
+        await self._resp.__aexit__(None, None, None)
+        if exc is not None and not isinstance(exc, UpstreamError) and isinstance(
+                exc, (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError)):
+            raise translate(exc) from exc
+
+
+def _event_data(block: bytes) -> tuple[str, bytes] | None:
+    if block.startswith(b"data:") and b"\n" not in block:
+        return "", (block[6:] if block[5:6] == b" " else block[5:])
+    event, data = "", []
+    for line in block.split(b"\n"):
+        if line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line.startswith(b"event:"):
+            event = line[6:].strip().decode("utf-8", "replace")
+    return (event, b"\n".join(data)) if data else None
+
+
+def split_events(buf: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
+    """The complete SSE events at the start of `buf`, and what is left of it."""
+    if b"\r" in buf:
+        buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    blocks = buf.split(b"\n\n")
+    rest = blocks.pop()
+    out: list[tuple[str, bytes]] = []
+    for block in blocks:
+        if block[:6] == b"data: " and b"\n" not in block:
+            out.append(("", block[6:]))
+        else:
+            ev = _event_data(block)
+            if ev is not None:
+                out.append(ev)
+    return out, rest
 
 
 async def read_json_body(resp: aiohttp.ClientResponse) -> bytes:

@@ -25,7 +25,7 @@ from bulwark.providers.base import (
     post,
     probe_get,
     read_json_body,
-    sse_lines,
+    split_events,
     translate,
 )
 from bulwark.wire import (
@@ -106,20 +106,33 @@ class OpenAIAdapter:
             if "text/event-stream" not in ctype:
                 raise UpstreamError(C.MALFORMED_RESPONSE,
                                     detail=f"stream answered as {ctype[:60]!r}")
-            async for _event, data in sse_lines(resp):
-                if data == b"[DONE]":
-                    if not finished:
-                        raise UpstreamError(C.NETWORK_RESET, detail="[DONE] before finish_reason")
-                    return
-                try:
-                    chunk = chunk_decoder.decode(data)
-                except msgspec.ValidationError:
-                    raise self._stream_error(data, secrets) from None
-                except msgspec.DecodeError as err:
-                    raise translate(err, phase="chunk") from err
-                if chunk.finished:
-                    finished = True
-                yield StreamEvent(data, chunk)
+            buf = b""
+            try:
+                while True:
+                    piece = await resp.content.readany()
+                    if not piece:
+                        if not buf.strip(b"\r\n"):
+                            break
+                        piece = b"\n\n"  # the last event came without its blank line
+                    batch, buf = split_events(buf + piece if buf else piece)
+                    last = len(batch) - 1
+                    for i, (_event, data) in enumerate(batch):
+                        if data == b"[DONE]":
+                            if not finished:
+                                raise UpstreamError(C.NETWORK_RESET,
+                                                    detail="[DONE] before finish_reason")
+                            return
+                        try:
+                            chunk = chunk_decoder.decode(data)
+                        except msgspec.ValidationError:
+                            raise self._stream_error(data, secrets) from None
+                        except msgspec.DecodeError as err:
+                            raise translate(err, phase="chunk") from err
+                        if chunk.finished:
+                            finished = True
+                        yield StreamEvent(data, chunk, i < last)
+            except (aiohttp.ClientError, OSError) as err:
+                raise translate(err, phase="stream") from err
         if not finished:
             # A clean close without finish_reason is a truncated answer, not success.
             raise UpstreamError(C.NETWORK_RESET, detail="stream ended without finish_reason")

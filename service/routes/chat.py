@@ -114,6 +114,7 @@ class SseSink:
         self.response: web.StreamResponse | None = None
         self._closed = False
         self._task: asyncio.Task[object] | None = None
+        self._pending: list[bytes] = []
 
     async def start(self, provider: str, attempts: int, fallback: Fallback) -> None:
         headers = _chat_headers(self._rid, provider, attempts, fallback)
@@ -136,21 +137,33 @@ class SseSink:
             raise ClientGone from err
 
     async def event(self, ev: StreamEvent) -> None:
-        await self._write(b"data: " + ev.raw + b"\n\n")
+        pending = self._pending
+        pending += (b"data: ", ev.raw, b"\n\n")
+        if not ev.more:
+            self._pending = []
+            await self._write(b"".join(pending))
 
     async def done(self) -> None:
-        await self._write(b"data: [DONE]\n\n")
         assert self.response is not None
+        if self._closed:
+            raise ClientGone
+        self._pending.append(b"data: [DONE]\n\n")
+        data, self._pending = b"".join(self._pending), []
         self._closed = True
         self._request.app[STREAMS].discard(self)
-        await self.response.write_eof()
+        try:
+            await self.response.write_eof(data)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as err:
+            raise ClientGone from err
 
     async def fail(self, err: GatewayError) -> None:
         # No [DONE] after an error: the openai SDK raises on the error event, and a client
         # that ignored it must not take what came before for a complete answer.
         self._request.app[STREAMS].discard(self)
         try:
-            await self._write(b"data: " + encoder.encode(err.body()) + b"\n\n")
+            self._pending.append(b"data: " + encoder.encode(err.body()) + b"\n\n")
+            data, self._pending = b"".join(self._pending), []
+            await self._write(data)
             self._closed = True
             assert self.response is not None
             await self.response.write_eof()
