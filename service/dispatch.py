@@ -215,6 +215,16 @@ class Dispatcher:
                 failures.append(err)
                 if not err.policy.failover:
                     raise _rejected(err, False if attempts > 1 else None) from None
+            except Exception:
+                # A bug of ours: the permit comes back, and a started stream still ends
+                # with an error event (never a clean cut); before that, the edge renders it.
+                rt.breaker.record_ignored()
+                if not sent:
+                    raise
+                log.exception("stream failed", extra={"request_id": req.request_id})
+                await sink.fail(GatewayError("The gateway failed in the middle of the answer.",
+                                             code="internal_error"))
+                return
             finally:
                 await events.aclose()
         raise self._no_provider(req, failures, plan.count)

@@ -10,6 +10,9 @@ import openai
 import pytest
 
 from bulwark.config import Settings
+from bulwark.providers.base import StreamEvent
+from bulwark.wire import Chunk, ChunkChoice, Delta, encoder
+from service.keys import ROUTER
 from tests.conftest import GatewayFactory, Sim, SimFactory, provider
 
 MSG: Any = [{"role": "user", "content": "Hi"}]
@@ -370,3 +373,32 @@ async def test_client_leaving_before_first_token_is_not_an_error(
     assert raw.headers["x-bulwark-provider"] == "alpha"
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert (await sims[1].stats())["chat"] == 0
+
+
+class _BuggyAdapter:
+    """An adapter with a bug of ours: one content chunk, then an unexpected exception."""
+
+    def __init__(self, provider: Any) -> None:
+        self.provider = provider
+
+    async def stream(self, call: Any) -> Any:
+        chunk = Chunk(id="c1", created=1, model="m",
+                      choices=[ChunkChoice(delta=Delta(role="assistant", content="Hi"))])
+        yield StreamEvent(encoder.encode(chunk), chunk)
+        raise RuntimeError("a bug")
+
+
+async def test_a_bug_mid_stream_still_ends_with_an_error_event(
+        sim: SimFactory, gateway: GatewayFactory) -> None:
+    """Even an unexpected exception after the first byte ends the stream with an error
+    event (the SDK raises), never with a clean cut that reads as a complete answer."""
+    _, gw = await three(sim, gateway)
+    rt = gw.app[ROUTER].runtimes["alpha"]
+    rt.adapter = _BuggyAdapter(rt.provider)
+    async with gw.client() as client:
+        stream = await client.chat.completions.create(model="default", messages=MSG, stream=True)
+        with pytest.raises(openai.APIError) as info:
+            async for _ in stream:
+                pass
+    assert "failed in the middle" in info.value.message
+    assert rt.breaker.snapshot()["half_open_in_flight"] == 0
