@@ -223,7 +223,9 @@ class Bus:
         view: View,
         *,
         name: str,
-        heartbeat_sec: float = 1.0,
+        # A frozen backend fires nothing: detection takes up to heartbeat + timeout, so
+        # 0.5 + 1.0 keeps detection and resync of a dead listener within the 2 s target.
+        heartbeat_sec: float = 0.5,
         heartbeat_timeout_sec: float = 1.0,
         reconnect_max_sec: float = 2.0,
         publish_timeout_sec: float = _PUBLISH_TIMEOUT_SEC,

@@ -17,7 +17,7 @@ Phases:
   learn it by reloading), then kills B's listener backend; time until B's view holds it;
 - resync after SIGSTOP (embedded cluster only, its pids are local): the listener backend
   freezes instead, which fires no event; only the heartbeat notices, so the bound is
-  heartbeat_sec + heartbeat_timeout_sec (1 s + 1 s by default; see --heartbeat-sec).
+  heartbeat_sec + heartbeat_timeout_sec (0.5 s + 1 s by default; see --heartbeat-sec).
 
 With DATABASE_URL the rows it writes use unique provider names and are deleted after.
 """
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=500.0, help="paced phase, changes per second")
     parser.add_argument("--resyncs", type=int, default=10, help="pg_terminate_backend trials")
     parser.add_argument("--freezes", type=int, default=10, help="SIGSTOP trials (embedded only)")
-    parser.add_argument("--heartbeat-sec", type=float, default=1.0, help="B's heartbeat period")
+    parser.add_argument("--heartbeat-sec", type=float, default=0.5, help="B's heartbeat period")
     parser.add_argument(
         "--heartbeat-timeout-sec", type=float, default=1.0, help="B's heartbeat timeout"
     )

@@ -82,8 +82,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
             async for _ in run_sync(sync, None):
                 yield
             return
-        # A 0.5 s heartbeat bounds a frozen listener's detection + resync at ~1.5 s (< 2 s).
-        bus = Bus(settings.database_url, app[keys.VIEW], name=sync.name, heartbeat_sec=0.5)
+        bus = Bus(settings.database_url, app[keys.VIEW], name=sync.name)
         await bus.start()
         recorder = app[keys.ERRORS]
         flusher = asyncio.create_task(recorder.run(bus), name="service-errors")
