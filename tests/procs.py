@@ -62,10 +62,13 @@ async def heal(target: Sim) -> None:
 
 
 def write_providers(path: Path, sims: list[Sim]) -> Path:
+    """A providers file in the order given: priorities 1, 2, … so that routing between
+    healthy providers is deterministic (equal priorities would share load at random)."""
     blocks = [
         f'[[providers]]\nname = "{s.name}"\nkind = "openai"\nbase_url = "{s.url}"\n'
-        f'api_key_env = "{s.name.upper()}_KEY"\n[providers.models]\ndefault = "sim-1"\n'
-        for s in sims
+        f'priority = {i}\napi_key_env = "{s.name.upper()}_KEY"\n'
+        f'[providers.models]\ndefault = "sim-1"\n'
+        for i, s in enumerate(sims, start=1)
     ]
     path.write_text("\n".join(blocks))
     return path
