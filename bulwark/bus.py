@@ -30,17 +30,30 @@ import os
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
 
 import asyncpg
 import msgspec
 
 from bulwark.config import Provider
-from bulwark.state import Health, StateRow, View, row_decoder, row_encoder
+from bulwark.state import (
+    FleetRow,
+    Health,
+    StateRow,
+    View,
+    fleet_decoder,
+    row_decoder,
+    row_encoder,
+)
 
 log = logging.getLogger("bulwark.bus")
 
 CHANNEL = "provider_state"
+#: Fleet-wide settings (degradation level, client keys, operator overrides): `fleet_state`.
+FLEET_CHANNEL = "fleet_state"
+#: A NOTIFY payload must stay under 8000 bytes; a larger fleet value is announced by key
+#: and seq only, and the listener reloads.
+_PAYLOAD_MAX = 7000
 DEFAULT_RETENTION_DAYS = 7.0
 RETENTION_ENV = "BULWARK_RETENTION_DAYS"
 
@@ -79,6 +92,14 @@ _SNAPSHOT = (
     f"SELECT provider, health, breaker, reason, seq, {_OPEN_FOR} AS open_for, updated_by"  # noqa: S608
     " FROM provider_state"
 )
+_FLEET_SNAPSHOT = "SELECT key, value::text AS value, seq, updated_by FROM fleet_state"
+_PUT_FLEET = """
+INSERT INTO fleet_state AS f (key, value, seq, updated_by, updated_at)
+VALUES ($1::text, $2::text::jsonb, 1, $3::text, now())
+ON CONFLICT (key) DO UPDATE SET
+    value = $2::text::jsonb, seq = f.seq + 1, updated_by = $3::text, updated_at = now()
+RETURNING key, value::text AS value, seq, updated_by
+"""
 _HEARTBEAT = (
     "SELECT greatest(0, extract(epoch FROM now() - beat_at))::float8"
     " FROM healthd_heartbeat WHERE id = 1"
@@ -242,7 +263,12 @@ class Bus:
         # Bounded so that an unreachable host does not stall the reconnect loop, long
         # enough for a TLS handshake to a remote database.
         self._connect_timeout = max(2.0, heartbeat_timeout_sec)
-        self._queue: asyncio.Queue[str | _Lost] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str, str] | _Lost] = asyncio.Queue()
+        #: Extra channels (`listen`): ephemeral notifications for other modules.
+        self._channels: dict[str, Callable[[str], None]] = {}
+        #: Called after every snapshot load: users of extra channels reload what they
+        #: may have missed while disconnected.
+        self._resync: list[Callable[[], None]] = []
         self._overflowed = False
         self._listener: asyncpg.Connection | None = None
         self._pool: asyncpg.Pool | None = None
@@ -326,12 +352,22 @@ class Bus:
 
     # -- listening ------------------------------------------------------------------
 
+    def listen(self, channel: str, callback: Callable[[str], None],
+               on_resync: Callable[[], None] | None = None) -> None:
+        """Deliver every NOTIFY on `channel` to `callback` (in the bus task; it must not
+        block). Notifications sent while disconnected are lost: `on_resync` runs after each
+        (re)connect so its owner can reload. Call before start()."""
+        assert self._task is None, "listen() before start()"
+        self._channels[channel] = callback
+        if on_resync is not None:
+            self._resync.append(on_resync)
+
     def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
         # Callbacks only enqueue: the supervisor task owns the view and the connection.
         if self._queue.qsize() >= _QUEUE_MAX:
             self._overflowed = True
             return
-        self._queue.put_nowait(str(payload))
+        self._queue.put_nowait((channel, str(payload)))
 
     def _on_terminated(self, conn: object) -> None:
         self._queue.put_nowait(_Lost(conn))
@@ -353,13 +389,17 @@ class Bus:
             self._overflowed = False
             # LISTEN before the snapshot: a change committed in between then arrives as
             # a notification (stale or applied by seq) instead of being lost.
-            await conn.add_listener(CHANNEL, self._on_notify)
+            for channel in (CHANNEL, FLEET_CHANNEL, *self._channels):
+                await conn.add_listener(channel, self._on_notify)
             rows = await conn.fetch(_SNAPSHOT, timeout=self._query_timeout)
+            fleet = await conn.fetch(_FLEET_SNAPSHOT, timeout=self._query_timeout)
         except BaseException:
             conn.terminate()
             raise
         self._listener = conn
         self.view.replace(_state_row(r) for r in rows)
+        self.view.replace_fleet(_fleet_row(r) for r in fleet)
+        self._after_resync()
         self.reloads += 1
         if self._ever_connected:
             self.reconnects += 1
@@ -442,7 +482,39 @@ class Bus:
                 if item.conn is conn:
                     raise _ListenerLost("connection terminated")
                 continue
-            await self._handle(conn, item)
+            channel, payload = item
+            if channel == CHANNEL:
+                await self._handle(conn, payload)
+            elif channel == FLEET_CHANNEL:
+                await self._handle_fleet(conn, payload)
+            else:
+                self._channels[channel](payload)
+
+    def _after_resync(self) -> None:
+        for callback in self._resync:
+            try:
+                callback()
+            except Exception:
+                log.exception("bus %s: resync callback failed", self.name)
+
+    async def _handle_fleet(self, conn: asyncpg.Connection, payload: str) -> None:
+        try:
+            row = fleet_decoder.decode(payload)
+        except msgspec.DecodeError:
+            self.bad_payloads += 1
+            await self._reload(conn)
+            return
+        if row.value is None and row.updated_by == "\0big":
+            await self._reload(conn)  # too large to carry: announced by key only
+            return
+        outcome = self.view.apply_fleet(row)
+        if outcome == "applied":
+            self.applied += 1
+        elif outcome == "stale":
+            self.stale += 1
+        else:
+            self.gaps += 1
+            await self._reload(conn)
 
     async def _handle(self, conn: asyncpg.Connection, payload: str) -> None:
         try:
@@ -466,8 +538,11 @@ class Bus:
         # On the listener connection: notifications queued meanwhile are applied after
         # it, and the ones the snapshot already covers are then simply stale.
         rows = await conn.fetch(_SNAPSHOT, timeout=self._query_timeout)
+        fleet = await conn.fetch(_FLEET_SNAPSHOT, timeout=self._query_timeout)
         self.view.replace(_state_row(r) for r in rows)
+        self.view.replace_fleet(_fleet_row(r) for r in fleet)
         self.reloads += 1
+        self._after_resync()
 
     async def _heartbeat(self, conn: asyncpg.Connection) -> None:
         try:
@@ -496,6 +571,40 @@ class Bus:
                     server_settings={"application_name": f"bulwark-bus-w {self.name}"[:63]},
                 )
             return self._pool
+
+    async def pool(self) -> asyncpg.Pool:
+        """The write pool (small: writes are rare and short). Raises when unreachable."""
+        return await self._get_pool()
+
+    async def write(self, what: str, op: Callable[[_PoolConn], Awaitable[T]]) -> T | None:
+        """Run `op` on a pooled connection, bounded in time; None when the database cannot
+        take it (logged). For other modules' background writes."""
+        return await self._write(what, op)
+
+    async def put_fleet(self, key: str, value: Any, *, source: str) -> FleetRow | None:
+        """Write one fleet-wide setting (None deletes it) and notify every process.
+
+        Returns the row as written, or None when Postgres is unreachable. Like publish(),
+        the local view changes when the notification arrives.
+        """
+        raw = msgspec.json.encode(value).decode()
+
+        async def op(conn: _PoolConn) -> FleetRow:
+            async with conn.transaction():
+                rec = await conn.fetchrow(_PUT_FLEET, key, raw, source)
+                assert rec is not None
+                row = _fleet_row(rec)
+                payload = row_encoder.encode(row).decode()
+                if len(payload.encode()) > _PAYLOAD_MAX:
+                    payload = row_encoder.encode(
+                        FleetRow(key=key, value=None, seq=row.seq, updated_by="\0big")).decode()
+                await conn.execute("SELECT pg_notify($1, $2)", FLEET_CHANNEL, payload)
+            return row
+
+        row = await self._write(f"put_fleet {key}", op)
+        if row is not None:
+            self.publishes += 1
+        return row
 
     async def _write(self, what: str, op: Callable[[_PoolConn], Awaitable[T]]) -> T | None:
         """Run `op` on a pooled connection; None when the database cannot take it."""
@@ -648,6 +757,11 @@ class Bus:
             return True
 
         return await self._write("upsert_providers", op) is not None
+
+
+def _fleet_row(rec: asyncpg.Record) -> FleetRow:
+    return FleetRow(key=rec["key"], value=msgspec.json.decode(rec["value"]), seq=rec["seq"],
+                    updated_by=rec["updated_by"])
 
 
 class _Executor(Protocol):

@@ -142,8 +142,25 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True):
         return (os.environ if env is None else env).get(self.api_key_env) or None
 
 
+class ModelPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One `[models.<name>]` table: what happens to a model's requests when its providers
+    cannot answer (CONTRACT.md). Every model has one; an absent table means the defaults."""
+
+    #: Tried in order when no provider of this model can answer (same attempt cap, deadline).
+    fallback_models: list[str] = msgspec.field(default_factory=list)
+    cache: Literal["off", "fallback", "first"] = "fallback"
+    cache_ttl_sec: PositiveFloat = 86_400.0
+    canned_reply: str | None = None
+    continue_streams: bool = False
+    embedding_dimensions: Annotated[int, Meta(ge=1)] | None = None
+
+
+DEFAULT_POLICY = ModelPolicy()
+
+
 class _ProvidersFile(msgspec.Struct, forbid_unknown_fields=True):
     providers: list[ProviderConfig]
+    models: dict[str, ModelPolicy] = msgspec.field(default_factory=dict)
 
 
 def resolve(cfg: ProviderConfig, settings: Settings) -> Provider:
@@ -190,15 +207,35 @@ def providers_path(settings: Settings, cwd: Path | None = None) -> Path | None:
     return candidate if candidate.exists() else None
 
 
+def _read(path: Path) -> _ProvidersFile:
+    try:
+        data = tomllib.loads(path.read_text())
+        return msgspec.convert(data, _ProvidersFile)
+    except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as err:
+        raise ConfigError(f"providers file {path}: {err}") from err
+
+
+def load_models(settings: Settings, providers: list[Provider],
+                cwd: Path | None = None) -> dict[str, ModelPolicy]:
+    """Every served model's policy (`[models.<name>]`, defaults where absent)."""
+    served = {m for p in providers for m in p.models}
+    path = providers_path(settings, cwd)
+    tables = _read(path).models if path is not None else {}
+    for name, policy in tables.items():
+        if name not in served:
+            raise ConfigError(f"[models.{name}]: no provider serves model {name!r}")
+        for fb in policy.fallback_models:
+            if fb not in served or fb == name:
+                raise ConfigError(f"[models.{name}] fallback_models: {fb!r} is not another "
+                                  "served model")
+    return {m: tables.get(m, DEFAULT_POLICY) for m in sorted(served)}
+
+
 def load_providers(settings: Settings, cwd: Path | None = None) -> list[Provider]:
     path = providers_path(settings, cwd)
     if path is None:
         return sim_providers(settings)
-    try:
-        data = tomllib.loads(path.read_text())
-        parsed = msgspec.convert(data, _ProvidersFile)
-    except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as err:
-        raise ConfigError(f"providers file {path}: {err}") from err
+    parsed = _read(path)
     names = [p.name for p in parsed.providers]
     if len(set(names)) != len(names):
         raise ConfigError(f"providers file {path}: provider names must be unique")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -37,7 +37,21 @@ class StateRow(msgspec.Struct, frozen=True, kw_only=True):
     updated_by: str = ""
 
 
+class FleetRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One fleet-wide setting (`fleet_state`): degradation level, client key, override.
+
+    `value` is any JSON; None means the key was deleted. Like provider rows, each key has
+    its own seq, bumped by one per write, so a missed notification shows as a gap.
+    """
+
+    key: str
+    value: Any = None
+    seq: int = 0
+    updated_by: str = ""
+
+
 row_decoder = msgspec.json.Decoder(StateRow)
+fleet_decoder = msgspec.json.Decoder(FleetRow)
 row_encoder = msgspec.json.Encoder()
 
 Applied = Literal["applied", "stale", "gap"]
@@ -54,6 +68,10 @@ class View:
         self._healthd_age: float | None = None
         self._healthd_measured_at: float | None = None
         self.synced = False  # a snapshot has been loaded since the last (re)connect
+        #: Fleet-wide settings by key (see FleetRow); deleted keys are absent.
+        self.fleet: dict[str, FleetRow] = {}
+        self._fleet_seq: dict[str, int] = {}
+        self._fleet_subscribers: list[Callable[[FleetRow], None]] = []
 
     def subscribe(self, callback: Callable[[StateRow], None]) -> None:
         self._subscribers.append(callback)
@@ -82,6 +100,42 @@ class View:
             return "gap"
         self.rows[row.provider] = row
         self._emit(row)
+        return "applied"
+
+    def subscribe_fleet(self, callback: Callable[[FleetRow], None]) -> None:
+        """Hear about every fleet row that changes (a deleted key arrives with value None)."""
+        self._fleet_subscribers.append(callback)
+
+    def fleet_value(self, key: str, default: Any = None) -> Any:
+        row = self.fleet.get(key)
+        return default if row is None else row.value
+
+    def _set_fleet(self, row: FleetRow) -> None:
+        self._fleet_seq[row.key] = row.seq
+        if row.value is None:
+            self.fleet.pop(row.key, None)
+        else:
+            self.fleet[row.key] = row
+        for callback in self._fleet_subscribers:
+            callback(row)
+
+    def replace_fleet(self, rows: Iterable[FleetRow]) -> None:
+        """Load a full snapshot of fleet rows; keys gone from it are deleted."""
+        fresh = {r.key: r for r in rows}
+        for key in list(self._fleet_seq):
+            if key not in fresh and key in self.fleet:
+                self._set_fleet(FleetRow(key=key, value=None, seq=self._fleet_seq[key]))
+        for key, row in fresh.items():
+            if self._fleet_seq.get(key) != row.seq:
+                self._set_fleet(row)
+
+    def apply_fleet(self, row: FleetRow) -> Applied:
+        current = self._fleet_seq.get(row.key, 0)
+        if row.seq <= current:
+            return "stale"
+        if row.seq > current + 1 and row.key in self._fleet_seq:
+            return "gap"
+        self._set_fleet(row)
         return "applied"
 
     def note_healthd_age(self, age_sec: float | None) -> None:

@@ -10,7 +10,14 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from bulwark.config import ConfigError, Settings, load_providers, providers_path, settings_from_env
+from bulwark.config import (
+    ConfigError,
+    Settings,
+    load_models,
+    load_providers,
+    providers_path,
+    settings_from_env,
+)
 from bulwark.logs import provider_secrets, setup_logging
 from service.app import create_app
 
@@ -50,6 +57,7 @@ def main() -> int:
     try:
         settings = settings_from_env()
         providers = load_providers(settings)
+        models = load_models(settings, providers)
     except ConfigError as err:
         print(f"bulwark: {err}", file=sys.stderr)
         return 2
@@ -60,7 +68,7 @@ def main() -> int:
         loop = asyncio.new_event_loop()
     else:
         loop = uvloop.new_event_loop()
-    app = create_app(settings, providers)
+    app = create_app(settings, providers, models=models)
     if providers_path(settings) is None:
         app.cleanup_ctx.insert(0, embedded_simulator(settings))
 

@@ -12,7 +12,7 @@ from aiohttp.resolver import AsyncResolver
 
 from bulwark.breaker import Breaker, BreakerConfig
 from bulwark.bus import Bus
-from bulwark.config import Provider, Settings
+from bulwark.config import DEFAULT_POLICY, ModelPolicy, Provider, Settings
 from bulwark.errors import ServiceUnavailable
 from bulwark.providers.registry import make_adapter
 from bulwark.retry import Backoff
@@ -33,10 +33,13 @@ SHUTDOWN_MARGIN_SEC = 0.5
 
 
 def create_app(settings: Settings, providers: list[Provider], *,
+               models: Mapping[str, ModelPolicy] | None = None,
                env: Mapping[str, str] | None = None) -> web.Application:
     app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
     app[keys.PROVIDERS] = providers
+    served = sorted({m for p in providers for m in p.models})
+    app[keys.MODELS] = {m: (models or {}).get(m, DEFAULT_POLICY) for m in served}
     app[keys.VIEW] = View()
     app[keys.STREAMS] = OpenStreams()
     app.add_routes(chat.routes)

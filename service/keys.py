@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from bulwark.config import Provider, Settings
+from bulwark.config import ModelPolicy, Provider, Settings
 from bulwark.state import View
 from service.dispatch import Dispatcher
 from service.router import Router
@@ -14,6 +14,8 @@ from service.sync import ErrorRecorder, StateSync
 
 SETTINGS = web.AppKey("settings", Settings)
 PROVIDERS = web.AppKey("providers", list[Provider])
+#: Every served model's `[models.<name>]` policy (defaults where the file has none).
+MODELS = web.AppKey("models", dict[str, ModelPolicy])
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 VIEW = web.AppKey("view", View)
 ROUTER = web.AppKey("router", Router)
