@@ -31,7 +31,8 @@ from service.router import ProviderRuntime, Router
 
 log = logging.getLogger("bulwark.dispatch")
 
-Fallback = Literal["none", "failover"]
+#: How an answer came about (`x-bulwark-fallback`, CONTRACT.md "When nothing can answer now").
+Fallback = Literal["none", "failover", "model", "cache", "canned", "queued"]
 
 
 class Answer(NamedTuple):
@@ -61,11 +62,18 @@ class ClientGone(Exception):
     """The client disconnected; stop, and count nothing against the provider."""
 
 
+class QueueInstead(Exception):
+    """The plan's last step: nothing can answer now and the client accepts a job
+    (`Prefer: respond-async`); the caller stores the request as a job and answers 202."""
+
+
 class Request(NamedTuple):
     chat: ChatRequest
     request_id: str
     deadline: float  # monotonic
     passthrough: Mapping[str, str]
+    #: The client sent `Prefer: respond-async`: "nobody can answer now" becomes a job.
+    may_queue: bool = False
 
 
 def _rejected(err: UpstreamError, should_retry: bool | None) -> GatewayError:
