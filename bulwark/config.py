@@ -92,6 +92,14 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
 
 
 ProviderKind = Literal["openai", "anthropic", "gemini", "sim"]
+#: `prefill`: the partial answer is sent as a final assistant message that the provider
+#: continues; `instruct`: it is sent followed by an instruction to continue it.
+Continuation = Literal["prefill", "instruct"]
+#: Anthropic continues a final assistant turn by design. OpenAI's own API does not; among
+#: other OpenAI-compatible servers only some do (Mistral, DeepSeek, vLLM), so an operator
+#: opts them in with `continuation = "prefill"`.
+CONTINUATION_BY_KIND: Mapping[str, Continuation] = {
+    "anthropic": "prefill", "openai": "instruct", "gemini": "instruct", "sim": "instruct"}
 
 
 class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -110,6 +118,9 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     retries: NonNegInt | None = None
     #: How healthd pings it: `models` (GET /models, free) or `chat` (a one-token chat).
     health_check: Literal["models", "chat"] = "models"
+    #: How it continues another provider's broken stream (docs/CONTINUATION.md); None is the
+    #: kind's default (`CONTINUATION_BY_KIND`).
+    continuation: Continuation | None = None
     #: Gateway model name -> upstream model name.
     models: dict[str, str] = msgspec.field(default_factory=dict)
 
@@ -134,6 +145,7 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True):
     retries: int
     health_check: Literal["models", "chat"]
     models: dict[str, str]
+    continuation: Continuation = "instruct"
 
     def api_key(self, env: Mapping[str, str] | None = None) -> str | None:
         """The secret, read from the environment only when a request needs it."""
@@ -186,6 +198,7 @@ def resolve(cfg: ProviderConfig, settings: Settings) -> Provider:
         retries=settings.http_retries if cfg.retries is None else cfg.retries,
         health_check=cfg.health_check,
         models=dict(cfg.models),
+        continuation=cfg.continuation or CONTINUATION_BY_KIND[cfg.kind],
     )
 
 

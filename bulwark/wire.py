@@ -36,6 +36,8 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_f
     tool_call_id: str | UnsetType = UNSET
     function_call: dict[str, Any] | UnsetType = UNSET
     refusal: str | None | UnsetType = UNSET
+    #: Mistral's and DeepSeek's flag: this final assistant message is a prefix to continue.
+    prefix: bool | UnsetType = UNSET
 
     def text(self) -> str:
         """Plain text of the content (text parts joined); images and audio are skipped."""

@@ -15,6 +15,10 @@ script posted to a control endpoint; per-request headers override the script key
                                               stall-before | error-event | none
     x-sim-chunks: 5          chunks           number of content chunks (default 20)
     x-sim-chunk-delay-ms: 10 chunk_delay_ms   delay between content chunks
+    x-sim-overlap-words: 2   overlap_words    a continuation first repeats the last 2 words
+                                              of the partial answer (see below)
+    x-sim-dims: 16           dims             embeddings: vector size when the request
+                                              names no `dimensions` (default 8)
 
 Control endpoints (not counted, not logged):
 
@@ -24,6 +28,17 @@ Control endpoints (not counted, not logged):
     POST /_sim/reset   clears script, log and counters
     GET  /_sim/log     requests seen (chat and models), oldest first, bounded
     GET  /_sim/stats   {"chat": n, "models": n}
+
+Continuation (service/continuation.py): a stream request whose final assistant message is a
+prefix to continue (`"prefix": true` on it, or `continue_final_message: true`), or whose
+final user message is the gateway's instruction to continue the assistant message before
+it, answers the rest of this simulator's own reply from the word where the partial answer
+ends (word count), after repeating `overlap_words` of its last words — so a test knows
+exactly what the seam must drop.
+
+`POST /v1/embeddings` answers OpenAI-shaped embeddings: deterministic unit vectors from the
+simulator's name and each input (`embedding_vector`), float or base64 as asked; status,
+latency, reset and malformed faults apply as to chat.
 
 Each chat request consumes the next step; `GET /v1/models` does too when
 `include_probes` is true. When the steps run out, `then` applies (default: healthy).
@@ -38,14 +53,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
+import math
 import random
+import re
 import socket
 import struct
+import sys
 import time
+from array import array
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -76,6 +97,8 @@ class Step(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
     # Bounded so that a typo cannot make one answer gigabytes long.
     chunks: Annotated[int, msgspec.Meta(ge=0, le=100_000)] | None = None
     chunk_delay_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    overlap_words: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
+    dims: Annotated[int, msgspec.Meta(ge=1, le=8192)] | None = None
 
 
 HEALTHY = Step()
@@ -114,9 +137,98 @@ _HEADER_KEYS = (
     ("x-sim-fault", "fault"),
     ("x-sim-chunks", "chunks"),
     ("x-sim-chunk-delay-ms", "chunk_delay_ms"),
+    ("x-sim-overlap-words", "overlap_words"),
+    ("x-sim-dims", "dims"),
 )
 
+class _MessageIn(msgspec.Struct):
+    role: str = "user"
+    content: Any = None
+    prefix: bool = False
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if isinstance(self.content, list):
+            return "".join(str(p.get("text", "")) for p in self.content if isinstance(p, dict))
+        return ""
+
+
+class _ContinuationIn(msgspec.Struct):
+    messages: list[_MessageIn] = msgspec.field(default_factory=list)
+    continue_final_message: bool = False
+
+
+#: The first words of the gateway's continuation instruction (service/continuation.py).
+CONTINUE_INSTRUCTION = "Continue your previous answer exactly where it stops."
+_WORD = re.compile(r"\s*\S+")
+
+
+def partial_answer(raw: bytes) -> str | None:
+    """The partial answer a request asks to continue (prefill or instruction), else None."""
+    if (b'"prefix"' not in raw and b"continue_final_message" not in raw
+            and CONTINUE_INSTRUCTION.encode() not in raw):
+        return None  # the common case, without decoding the messages
+    try:
+        req = _continuation_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    msgs = req.messages
+    if msgs and msgs[-1].role == "assistant" and (msgs[-1].prefix or req.continue_final_message):
+        return msgs[-1].text()
+    if (len(msgs) >= 2 and msgs[-1].role == "user" and msgs[-2].role == "assistant"
+            and msgs[-1].text().startswith(CONTINUE_INSTRUCTION)):
+        return msgs[-2].text()
+    return None
+
+
+def continuation_words(name: str, partial: str, n: int, overlap: int) -> list[str]:
+    """What a simulator called `name` streams to continue `partial`: the last `overlap`
+    words of it again, then its own reply of n words from the word where `partial` ends."""
+    said = _WORD.findall(partial)
+    return said[len(said) - min(overlap, len(said)):] + reply_words(name, n)[len(said):]
+
+
+class _EmbedIn(msgspec.Struct):
+    input: Any
+    model: str = MODELS[0]
+    dimensions: int | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+DEFAULT_EMBED_DIMS = 8
+
+
+def embedding_inputs(value: object) -> list[str]:
+    """The texts of an embeddings `input` (token arrays become their numbers as text)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, int) for v in value):
+            return [" ".join(map(str, value))]
+        if all(isinstance(v, str) for v in value):
+            return list(value)
+        if all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value):
+            return [" ".join(map(str, v)) for v in value]
+    raise ValueError("input must be a string, a list of strings, or token arrays")
+
+
+def embedding_vector(name: str, text: str, dims: int) -> list[float]:
+    """The unit vector a simulator called `name` gives `text`: deterministic, and different
+    per simulator, so that a test can tell which one answered."""
+    raw = b""
+    counter = 0
+    while len(raw) < dims * 2:
+        raw += hashlib.blake2b(f"{name}\0{counter}\0{text}".encode(), digest_size=64).digest()
+        counter += 1
+    values = [v / 32767.5 - 1.0 for v in struct.unpack(f"<{dims}H", raw[: dims * 2])]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
 _chat_decoder = msgspec.json.Decoder(_ChatIn)
+_embed_decoder = msgspec.json.Decoder(_EmbedIn)
+_continuation_decoder = msgspec.json.Decoder(_ContinuationIn)
 _script_decoder = msgspec.json.Decoder(Script)
 _any_decoder = msgspec.json.Decoder()
 _encode = msgspec.json.encode
@@ -293,6 +405,11 @@ class SimState:
         self._grow(n)
         return self._choice_chunks[:n]
 
+    @staticmethod
+    def word_chunk(word: str) -> bytes:
+        return (b'[{"index":0,"delta":{"content":' + _encode(word)
+                + b'},"logprobs":null,"finish_reason":null}]}\n\n')
+
     def completion_choices(self, n: int) -> bytes:
         cached = self._completion_choices.get(n)
         if cached is None:
@@ -356,6 +473,11 @@ class SimState:
         cap = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if cap is not None:
             n = max(0, min(n, cap))
+        chunks: list[bytes] | None = None
+        if req.stream and (partial := partial_answer(raw)) is not None:
+            chunks = [self.word_chunk(w) for w in
+                      continuation_words(self.name, partial, n, step.overlap_words)]
+            n = len(chunks)
         created = b"%d" % int(time.time())
         model = _encode(req.model)
         prompt_tokens = max(1, len(raw) // 4)
@@ -368,17 +490,19 @@ class SimState:
             opts = req.stream_options
             usage_tail = (b'[],' + usage + b'}\n\n'
                           if opts is not None and opts.include_usage else None)
-            return await self._stream(request, step, prefix, n, usage_tail)
+            return await self._stream(request, step, prefix,
+                                      self.content_chunks(n) if chunks is None else chunks,
+                                      usage_tail)
         body = b"".join((
             b'{"id":"', self.new_id(), b'","object":"chat.completion","created":', created,
             b',"model":', model, self.completion_choices(n), b",", usage,
             b',"system_fingerprint":"fp_sim"}'))
         return await _plain(request, self, step, body, "application/json")
 
-    async def _stream(self, request: web.Request, step: Step, prefix: bytes, n: int,
-                      usage_tail: bytes | None) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, step: Step, prefix: bytes,
+                      chunks: list[bytes], usage_tail: bytes | None) -> web.StreamResponse:
         status = step.status or 200
-        chunks = self.content_chunks(n)
+        n = len(chunks)
         fault = step.fault
         if fault is None and not step.first_token_ms and not step.chunk_delay_ms:
             # The benchmark path: the whole stream in one write, no chunked encoding.
@@ -437,6 +561,47 @@ class SimState:
             await asyncio.sleep(min(_STALL_POLL_SEC, remaining))
         # Never end a stalled answer cleanly: that would look complete to the client.
         _reset(request)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        self.chat_count += 1
+        step, index = self.next_step(probe=False)
+        headers = request.headers
+        try:
+            step = header_step(headers, step)
+        except BadControl as err:
+            return _sim_error(str(err))
+        finally:
+            self.log.append((request.method, request.path, headers, raw, step, index,
+                             time.monotonic()))
+        try:
+            req = _embed_decoder.decode(raw)
+            texts = embedding_inputs(req.input)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as err:
+            return web.json_response({"error": {
+                "message": f"Invalid embeddings request: {err}",
+                "type": "invalid_request_error", "param": "input", "code": None}}, status=400)
+        if step.latency_ms or step.first_token_ms:
+            await asyncio.sleep((step.latency_ms + step.first_token_ms) / 1000)
+        if step.fault == "reset":
+            return _reset(request)
+        if step.status is not None and step.status >= 300:
+            return self.error_response(step)
+        dims = req.dimensions or step.dims or DEFAULT_EMBED_DIMS
+        data = []
+        for i, text in enumerate(texts):
+            vec = embedding_vector(self.name, text, dims)
+            value: object = vec
+            if req.encoding_format == "base64":
+                packed = array("f", vec)
+                if sys.byteorder == "big":
+                    packed.byteswap()
+                value = base64.b64encode(packed.tobytes()).decode()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        tokens = sum(max(1, math.ceil(len(t) / 4)) for t in texts)
+        body = _encode({"object": "list", "data": data, "model": req.model,
+                        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return await _plain(request, self, step, body, "application/json")
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         self.models_count += 1
@@ -537,6 +702,7 @@ def create_sim_app(name: str = "sim", *, seed: int | None = None,
     app = web.Application()
     app[SIM_STATE] = sim
     app.router.add_post("/v1/chat/completions", sim.chat)
+    app.router.add_post("/v1/embeddings", sim.embeddings)
     app.router.add_get("/v1/models", sim.models)
     app.router.add_get("/health", sim.health)
     app.router.add_post("/_sim/script", sim.post_script)

@@ -27,6 +27,7 @@ from bulwark.errors import (
 from bulwark.providers.base import Call, Completion, StreamEvent
 from bulwark.retry import Backoff, retry_delay
 from bulwark.wire import ChatRequest
+from service.continuation import Tracker, continue_stream
 from service.router import ProviderRuntime, Router
 
 log = logging.getLogger("bulwark.dispatch")
@@ -74,6 +75,9 @@ class Request(NamedTuple):
     passthrough: Mapping[str, str]
     #: The client sent `Prefer: respond-async`: "nobody can answer now" becomes a job.
     may_queue: bool = False
+    #: A stream whose provider fails mid-answer is continued by the next one
+    #: (`continue_streams`, `x-bulwark-continue`; service/continuation.py).
+    continue_stream: bool = False
 
 
 def _rejected(err: UpstreamError, should_retry: bool | None) -> GatewayError:
@@ -166,6 +170,8 @@ class Dispatcher:
         """Stream one answer into `sink`; raises GatewayError only before anything was sent."""
         failures: list[UpstreamError] = []
         plan = _Attempts(self, req)
+        tracked = Tracker(sink) if req.continue_stream else None
+        sink = tracked or sink
         while (rt := await plan.next(failures[-1] if failures else None)) is not None:
             attempts = plan.count
             t = rt.provider.timeouts
@@ -217,6 +223,10 @@ class Dispatcher:
                 else:
                     err = UpstreamError(C.TIMEOUT_FIRST_TOKEN, detail="no first token in time")
                 self._failed(rt, err, req)
+                if sent and tracked is not None:
+                    await events.aclose()
+                    await continue_stream(self, req, tracked, plan, err)
+                    return
                 if sent:
                     await sink.fail(_stream_error(err))
                     return

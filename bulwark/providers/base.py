@@ -37,6 +37,9 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     request_id: str
     #: Headers the client sent that this provider kind forwards (the simulator's `x-sim-*`).
     passthrough: Mapping[str, str] = msgspec.field(default_factory=dict)
+    #: The last message is a partial assistant answer for the provider to continue
+    #: (stream continuation, `continuation = "prefill"`), not a turn to answer.
+    prefill: bool = False
 
 
 class Completion(NamedTuple):

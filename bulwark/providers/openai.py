@@ -61,6 +61,9 @@ class OpenAIAdapter:
         self._env = env
         self._chat_url = f"{provider.base_url}/chat/completions"
         self._models_url = f"{provider.base_url}/models"
+        self._embeddings_url = f"{provider.base_url}/embeddings"
+        # Mistral refuses unknown top-level fields (422), so it gets only its own `prefix`.
+        self._vllm_prefill = "api.mistral.ai" not in provider.base_url
 
     def _headers(self, call: Call | None) -> tuple[dict[str, str], tuple[str, ...]]:
         headers = {"Content-Type": "application/json"}
@@ -79,7 +82,16 @@ class OpenAIAdapter:
         req = msgspec.structs.replace(call.request, model=call.upstream_model, stream=stream)
         if not stream and req.stream_options is not None:
             req = msgspec.structs.replace(req, stream_options=msgspec.UNSET)
-        return encoder.encode(req)
+        if not call.prefill:
+            return encoder.encode(req)
+        # Continue the final assistant message: `prefix: true` on it for Mistral and DeepSeek,
+        # `continue_final_message` without a generation prompt for vLLM (FACTS.md).
+        messages = list(req.messages)
+        messages[-1] = msgspec.structs.replace(messages[-1], prefix=True)
+        body = encoder.encode(msgspec.structs.replace(req, messages=messages))
+        if self._vllm_prefill:
+            body = body[:-1] + b',"continue_final_message":true,"add_generation_prompt":false}'
+        return body
 
     async def complete(self, call: Call) -> Completion:
         headers, secrets = self._headers(call)

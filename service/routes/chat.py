@@ -15,7 +15,7 @@ from bulwark.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLar
 from bulwark.providers.base import StreamEvent
 from bulwark.wire import ChatRequest, ModelCard, ModelList, encoder, request_decoder
 from service.dispatch import ClientGone, Fallback, Request
-from service.keys import DISPATCHER, REQUEST_ID, ROUTER, SETTINGS, STREAMS
+from service.keys import DISPATCHER, MODELS, REQUEST_ID, ROUTER, SETTINGS, STREAMS
 
 routes = web.RouteTableDef()
 
@@ -69,6 +69,15 @@ def _deadline(request: web.Request, chat: ChatRequest, default: float) -> float:
     return time.monotonic() + budget
 
 
+def _continue(request: web.Request, model: str) -> bool:
+    """`x-bulwark-continue` when the client sent it, else the model's `continue_streams`."""
+    header = request.headers.get("x-bulwark-continue")
+    if header is not None:
+        return header.strip().lower() == "true"
+    policy = request.app[MODELS].get(model)
+    return policy is not None and policy.continue_streams
+
+
 def _chat_headers(rid: str, provider: str, attempts: int, fallback: Fallback) -> dict[str, str]:
     return {"x-request-id": rid, "x-bulwark-provider": provider,
             "x-bulwark-attempts": str(attempts), "x-bulwark-fallback": fallback}
@@ -92,7 +101,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rid = request[REQUEST_ID]
     req = Request(chat=chat, request_id=rid,
                   deadline=_deadline(request, chat, settings.request_timeout_sec),
-                  passthrough=request.headers)
+                  passthrough=request.headers,
+                  continue_stream=chat.stream and _continue(request, chat.model))
     dispatcher = request.app[DISPATCHER]
     if not chat.stream:
         answer = await dispatcher.complete(req)
