@@ -213,6 +213,13 @@ def embedding_inputs(value: object) -> list[str]:
     raise ValueError("input must be a string, a list of strings, or token arrays")
 
 
+def embedding_tokens(value: object, texts: list[str]) -> int:
+    """Prompt tokens: a token array's length, else ~4 characters a token."""
+    if isinstance(value, list) and value and not isinstance(value[0], str):
+        return sum(len(v) if isinstance(v, list) else 1 for v in value)
+    return sum(max(1, math.ceil(len(t) / 4)) for t in texts)
+
+
 def embedding_vector(name: str, text: str, dims: int) -> list[float]:
     """The unit vector a simulator called `name` gives `text`: deterministic, and different
     per simulator, so that a test can tell which one answered."""
@@ -598,7 +605,7 @@ class SimState:
                     packed.byteswap()
                 value = base64.b64encode(packed.tobytes()).decode()
             data.append({"object": "embedding", "index": i, "embedding": value})
-        tokens = sum(max(1, math.ceil(len(t) / 4)) for t in texts)
+        tokens = embedding_tokens(req.input, texts)
         body = _encode({"object": "list", "data": data, "model": req.model,
                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
         return await _plain(request, self, step, body, "application/json")

@@ -21,7 +21,7 @@ from service import keys
 from service.dispatch import Dispatcher
 from service.edge import edge
 from service.router import ProviderRuntime, Router
-from service.routes import chat, health
+from service.routes import chat, embeddings, health
 from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync, run_sync
 
@@ -43,6 +43,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app[keys.VIEW] = View()
     app[keys.STREAMS] = OpenStreams()
     app.add_routes(chat.routes)
+    app.add_routes(embeddings.routes)
     app.add_routes(health.routes)
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:

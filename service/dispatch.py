@@ -12,8 +12,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol, TypeVar
 
+from bulwark.embeddings import EmbedCall, EmbeddingRequest, EmbeddingResult, Inputs, check_result
 from bulwark.errors import (
     C,
     DeadlineExceeded,
@@ -79,6 +80,35 @@ class Request(NamedTuple):
     #: (`continue_streams`, `x-bulwark-continue`; service/continuation.py).
     continue_stream: bool = False
 
+    @property
+    def model(self) -> str:
+        return self.chat.model
+
+
+class EmbedRequest(NamedTuple):
+    embed: EmbeddingRequest
+    inputs: Inputs
+    request_id: str
+    deadline: float  # monotonic
+    passthrough: Mapping[str, str]
+    #: The vector size every provider must return (`dimensions`, else the model's
+    #: `embedding_dimensions`); another size is a malformed answer and fails over.
+    dimensions: int | None = None
+
+    @property
+    def model(self) -> str:
+        return self.embed.model
+
+
+class EmbedAnswer(NamedTuple):
+    result: EmbeddingResult
+    provider: str
+    attempts: int
+    fallback: Fallback
+
+
+T = TypeVar("T")
+
 
 def _rejected(err: UpstreamError, should_retry: bool | None) -> GatewayError:
     """The caller's own error, as the provider reported it (redacted), for the client."""
@@ -102,7 +132,7 @@ class Dispatcher:
         self._sleep = sleep or asyncio.sleep
         self._clock = clock
 
-    def _no_provider(self, req: Request, failures: list[UpstreamError],
+    def _no_provider(self, req: Request | EmbedRequest, failures: list[UpstreamError],
                      attempts: int) -> GatewayError:
         if failures and all(f.policy.client is UpstreamRejected for f in failures):
             # Every provider refused it as the caller's own request (context too long for
@@ -111,7 +141,7 @@ class Dispatcher:
         if failures:
             return final_error(failures, attempts=attempts,
                                deadline_passed=self._clock() >= req.deadline)
-        plan = self.router.plan(req.chat.model)
+        plan = self.router.plan(req.model)
         if plan.all_rate_limited:
             return RateLimited(
                 "Every provider for this model is rate limited; retry after the delay given.",
@@ -120,7 +150,8 @@ class Dispatcher:
             "No provider can answer this model right now; retry after the delay given.",
             retry_after=plan.cooling_for or 1.0)
 
-    def _failed(self, rt: ProviderRuntime, err: UpstreamError, req: Request) -> None:
+    def _failed(self, rt: ProviderRuntime, err: UpstreamError,
+                req: Request | EmbedRequest) -> None:
         if err.policy.breaker:
             rt.breaker.record_failure(reason=str(err.cls))
         else:
@@ -132,13 +163,37 @@ class Dispatcher:
             "provider": rt.name, "error_class": str(err.cls), "status": err.status,
             "request_id": req.request_id, "detail": err.detail})
         if self.observer is not None:
-            self.observer.attempt_failed(rt.name, err, req.request_id, req.chat.model)
+            self.observer.attempt_failed(rt.name, err, req.request_id, req.model)
 
     def _call(self, rt: ProviderRuntime, req: Request) -> Call:
         return Call(request=req.chat, upstream_model=rt.provider.models[req.chat.model],
                     request_id=req.request_id, passthrough=req.passthrough)
 
     async def complete(self, req: Request) -> Answer:
+        completion, provider, attempts, fallback = await self._whole(
+            req, lambda rt: rt.adapter.complete(self._call(rt, req)))
+        return Answer(completion, provider, attempts, fallback)
+
+    async def embed(self, req: EmbedRequest) -> EmbedAnswer:
+        """Embeddings, with the retries, breakers, failover and attempt cap of chat."""
+
+        async def once(rt: ProviderRuntime) -> EmbeddingResult:
+            e = req.embed
+            result = await rt.adapter.embed(EmbedCall(
+                inputs=req.inputs, upstream_model=rt.provider.models[req.model],
+                request_id=req.request_id,
+                dimensions=e.dimensions if isinstance(e.dimensions, int) else None,
+                user=e.user if isinstance(e.user, str) else None,
+                passthrough=req.passthrough))
+            check_result(result, req.inputs, req.dimensions)
+            return result
+
+        return EmbedAnswer(*await self._whole(req, once))
+
+    async def _whole(self, req: Request | EmbedRequest,
+                     call: Callable[[ProviderRuntime], Awaitable[T]],
+                     ) -> tuple[T, str, int, Fallback]:
+        """The attempt loop for a whole answer: `call` makes one upstream attempt."""
         failures: list[UpstreamError] = []
         plan = _Attempts(self, req)
         while (rt := await plan.next(failures[-1] if failures else None)) is not None:
@@ -147,7 +202,7 @@ class Dispatcher:
             started = self._clock()
             try:
                 async with asyncio.timeout(timeout):
-                    completion = await rt.adapter.complete(self._call(rt, req))
+                    answer = await call(rt)
             except UpstreamError as err:
                 failures.append(err)
             except TimeoutError:
@@ -159,7 +214,7 @@ class Dispatcher:
             else:
                 rt.breaker.record_success(self._clock() - started)
                 fallback: Fallback = "failover" if failures else "none"
-                return Answer(completion, rt.name, attempts, fallback)
+                return answer, rt.name, attempts, fallback
             last = failures[-1]
             self._failed(rt, last, req)
             if not last.policy.failover:
@@ -267,10 +322,10 @@ class _Attempts:
     failure's class allows it), then the next provider; none past the attempt cap or the
     deadline, and none to a provider whose breaker refuses."""
 
-    def __init__(self, d: Dispatcher, req: Request) -> None:
+    def __init__(self, d: Dispatcher, req: Request | EmbedRequest) -> None:
         self._d = d
         self._req = req
-        self._order = iter(d.router.plan(req.chat.model).order)
+        self._order = iter(d.router.plan(req.model).order)
         self._current: ProviderRuntime | None = None
         self._tries = 0
         self.count = 0

@@ -18,6 +18,7 @@ import aiohttp
 import msgspec
 
 from bulwark.config import Provider
+from bulwark.embeddings import EmbedCall, EmbeddingResult
 from bulwark.errors import ErrorClass, UpstreamError, classify_status, redact
 from bulwark.providers.answers import (
     AnswerBuilder,
@@ -460,6 +461,10 @@ class AnthropicAdapter:
                     return
                 # content_block_stop and event types added later carry nothing we forward
         raise UpstreamError(C.NETWORK_RESET, detail="stream ended early (no message_stop)")
+
+    async def embed(self, call: EmbedCall) -> EmbeddingResult:
+        # Anthropic has no embeddings API: another provider of the model may answer.
+        raise unsupported("embeddings", "model")
 
     async def probe(self, *, chat: bool, timeout: float) -> ProbeResult:
         if chat:

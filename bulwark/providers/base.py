@@ -18,6 +18,7 @@ import aiohttp
 import msgspec
 
 from bulwark.config import Provider
+from bulwark.embeddings import EmbedCall, EmbeddingResult
 from bulwark.errors import ErrorClass, UpstreamError, classify_status, parse_retry_after, redact
 from bulwark.wire import ChatCompletion, ChatRequest, Chunk, any_decoder
 
@@ -79,6 +80,11 @@ class Adapter(Protocol):
 
         Raises `UpstreamError` on any failure, including a stream that ends early.
         """
+        ...
+
+    async def embed(self, call: EmbedCall) -> EmbeddingResult:
+        """One vector per input, in input order, or raise `UpstreamError` (`unsupported`
+        for a provider kind without embeddings, so that the request fails over)."""
         ...
 
     async def probe(self, *, chat: bool, timeout: float) -> ProbeResult:

@@ -24,6 +24,7 @@ import aiohttp
 import msgspec
 
 from bulwark.config import Provider
+from bulwark.embeddings import EmbedCall, EmbeddingResult, estimate_tokens
 from bulwark.errors import ErrorClass, UpstreamError, classify_status, parse_retry_after, redact
 from bulwark.providers.answers import (
     AUDIO_TYPES,
@@ -129,6 +130,19 @@ class _Response(msgspec.Struct, rename="camel"):
 
 
 _response_decoder = msgspec.json.Decoder(_Response)
+
+
+class _Values(msgspec.Struct):
+    values: list[float]
+
+
+class _BatchEmbeddings(msgspec.Struct):
+    embeddings: list[_Values]
+
+
+_embeddings_decoder = msgspec.json.Decoder(_BatchEmbeddings)
+#: batchEmbedContents takes at most 100 requests; a larger input list is sent in parts.
+EMBED_BATCH = 100
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -426,7 +440,7 @@ class GeminiAdapter:
         name = model if "/" in model else f"models/{model}"
         return f"{self.provider.base_url}/{name}:{method}"
 
-    def _headers(self, call: Call | None) -> tuple[dict[str, str], tuple[str, ...]]:
+    def _headers(self, call: Call | EmbedCall | None) -> tuple[dict[str, str], tuple[str, ...]]:
         headers = {"Content-Type": "application/json"}
         key = self.provider.api_key(self._env)
         if key:
@@ -436,10 +450,9 @@ class GeminiAdapter:
         return headers, ((key,) if key else ())
 
     @asynccontextmanager
-    async def _post(self, url: str, call: Call, *, headers: Mapping[str, str],
+    async def _post(self, url: str, body: bytes, *, headers: Mapping[str, str],
                     secrets: tuple[str, ...]) -> AsyncIterator[aiohttp.ClientResponse]:
         """base.post, with Gemini's own reading of error bodies."""
-        body = encoder.encode(request_body(call))
         try:
             async with self._session.post(url, data=body, headers=headers,
                                           timeout=client_timeout(self.provider)) as resp:
@@ -455,7 +468,8 @@ class GeminiAdapter:
     async def complete(self, call: Call) -> Completion:
         headers, secrets = self._headers(call)
         url = self._url(call.upstream_model, "generateContent")
-        async with self._post(url, call, headers=headers, secrets=secrets) as resp:
+        body = encoder.encode(request_body(call))
+        async with self._post(url, body, headers=headers, secrets=secrets) as resp:
             raw = await read_json_body(resp)
         try:
             answer = _response_decoder.decode(raw)
@@ -491,7 +505,8 @@ class GeminiAdapter:
         started = False
         tool_count = 0
         usage: Usage | None = None
-        async with self._post(url, call, headers=headers, secrets=secrets) as resp:
+        body = encoder.encode(request_body(call))
+        async with self._post(url, body, headers=headers, secrets=secrets) as resp:
             ctype = resp.headers.get("Content-Type", "")
             if "text/event-stream" not in ctype:
                 raise UpstreamError(C.MALFORMED_RESPONSE,
@@ -528,6 +543,33 @@ class GeminiAdapter:
                         yield out.usage(usage or make_usage(0, 0))
                     return
         raise UpstreamError(C.NETWORK_RESET, detail="stream ended early (no finishReason)")
+
+    async def embed(self, call: EmbedCall) -> EmbeddingResult:
+        if call.inputs.tokens:
+            raise unsupported("token-array embedding inputs; send text", "input")
+        headers, secrets = self._headers(call)
+        model = call.upstream_model if "/" in call.upstream_model \
+            else f"models/{call.upstream_model}"
+        url = self._url(call.upstream_model, "batchEmbedContents")
+        vectors: list[list[float]] = []
+        texts = call.inputs.texts
+        for start in range(0, len(texts), EMBED_BATCH):
+            requests = []
+            for text in texts[start:start + EMBED_BATCH]:
+                item: dict[str, Any] = {"model": model, "content": {"parts": [{"text": text}]}}
+                if call.dimensions is not None:
+                    item["outputDimensionality"] = call.dimensions
+                requests.append(item)
+            body = encoder.encode({"requests": requests})
+            async with self._post(url, body, headers=headers, secrets=secrets) as resp:
+                raw = await read_json_body(resp)
+            try:
+                parsed = _embeddings_decoder.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError) as err:
+                raise translate(err, phase="embeddings") from err
+            vectors.extend(e.values for e in parsed.embeddings)
+        # batchEmbedContents reports no usage: estimated as OpenAI's rule of thumb.
+        return EmbeddingResult(vectors, estimate_tokens(call.inputs))
 
     async def probe(self, *, chat: bool, timeout: float) -> ProbeResult:
         if chat:

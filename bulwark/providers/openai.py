@@ -16,6 +16,12 @@ import aiohttp
 import msgspec
 
 from bulwark.config import Provider
+from bulwark.embeddings import (
+    EmbedCall,
+    EmbeddingResult,
+    estimate_tokens,
+    floats_of_base64,
+)
 from bulwark.errors import ErrorClass, UpstreamError, classify_status, redact
 from bulwark.providers.base import (
     Call,
@@ -49,6 +55,23 @@ class _StreamError(msgspec.Struct):
 _stream_error_decoder = msgspec.json.Decoder(_StreamError)
 
 
+class _Embedding(msgspec.Struct):
+    embedding: list[float] | str
+    index: int = 0
+
+
+class _EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int = 0
+
+
+class _Embeddings(msgspec.Struct):
+    data: list[_Embedding]
+    usage: _EmbeddingUsage | None = None
+
+
+_embeddings_decoder = msgspec.json.Decoder(_Embeddings)
+
+
 class OpenAIAdapter:
     #: Client headers forwarded upstream (none: the gateway's client is not the provider's).
     passthrough_prefix: str | None = None
@@ -65,7 +88,7 @@ class OpenAIAdapter:
         # Mistral refuses unknown top-level fields (422), so it gets only its own `prefix`.
         self._vllm_prefill = "api.mistral.ai" not in provider.base_url
 
-    def _headers(self, call: Call | None) -> tuple[dict[str, str], tuple[str, ...]]:
+    def _headers(self, call: Call | EmbedCall | None) -> tuple[dict[str, str], tuple[str, ...]]:
         headers = {"Content-Type": "application/json"}
         key = self.provider.api_key(self._env)
         if key:
@@ -148,6 +171,31 @@ class OpenAIAdapter:
         if not finished:
             # A clean close without finish_reason is a truncated answer, not success.
             raise UpstreamError(C.NETWORK_RESET, detail="stream ended without finish_reason")
+
+    async def embed(self, call: EmbedCall) -> EmbeddingResult:
+        headers, secrets = self._headers(call)
+        # Floats, which every OpenAI-compatible server speaks (not all of them do base64);
+        # the gateway encodes base64 for its client itself.
+        body: dict[str, object] = {"model": call.upstream_model,
+                                   "input": call.inputs.texts or call.inputs.tokens,
+                                   "encoding_format": "float"}
+        if call.dimensions is not None:
+            body["dimensions"] = call.dimensions
+        if call.user:
+            body["user"] = call.user
+        async with post(self._session, self._embeddings_url, body=encoder.encode(body),
+                        headers=headers, provider=self.provider,
+                        retry_after_cap=self._retry_after_cap, secrets=secrets) as resp:
+            raw = await read_json_body(resp)
+        try:
+            parsed = _embeddings_decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            raise translate(err, phase="embeddings") from err
+        items = sorted(parsed.data, key=lambda d: d.index)
+        vectors = [floats_of_base64(d.embedding) if isinstance(d.embedding, str)
+                   else d.embedding for d in items]
+        tokens = parsed.usage.prompt_tokens if parsed.usage else estimate_tokens(call.inputs)
+        return EmbeddingResult(vectors, tokens)
 
     def _stream_error(self, data: bytes, secrets: tuple[str, ...]) -> UpstreamError:
         try:

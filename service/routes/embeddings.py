@@ -1,0 +1,70 @@
+"""`POST /v1/embeddings`: OpenAI-compatible embeddings through the dispatcher's attempt loop."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+
+import msgspec
+from aiohttp import web
+
+from bulwark.embeddings import EmbeddingRequest, check, encode_response, request_decoder
+from bulwark.errors import InvalidRequest, NotFound, PayloadTooLarge
+from service.dispatch import EmbedRequest
+from service.keys import DISPATCHER, MODELS, REQUEST_ID, ROUTER, SETTINGS
+
+routes = web.RouteTableDef()
+
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+_FIELD = re.compile(r"(?:missing required|unknown) field `([^`]*)`")
+
+
+def _decode(body: bytes) -> EmbeddingRequest:
+    try:
+        return request_decoder.decode(body)
+    except msgspec.ValidationError as err:
+        text = str(err)
+        m, f = _PATH.search(text), _FIELD.search(text)
+        param = ".".join(p for p in (m.group(1) if m else "", f.group(1) if f else "") if p)
+        raise InvalidRequest(f"Invalid request: {text}", code="invalid_request",
+                             param=param or None) from None
+    except msgspec.DecodeError:
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+
+
+@routes.post("/v1/embeddings")
+async def embeddings(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    too_large = f"The request body is larger than {settings.max_body_bytes} bytes."
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        raise PayloadTooLarge(too_large)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(too_large) from None
+    req = _decode(body)
+    inputs = check(req)
+    if not request.app[ROUTER].has_model(req.model):
+        raise NotFound(f"The model {req.model!r} does not exist.", code="model_not_found",
+                       param="model")
+    policy = request.app[MODELS].get(req.model)
+    expected = req.dimensions if isinstance(req.dimensions, int) else (
+        policy.embedding_dimensions if policy is not None else None)
+    budget = settings.request_timeout_sec
+    hint = request.headers.get("x-stainless-read-timeout")
+    if hint:
+        # As for chat: an answer after the SDK gave up is work thrown away.
+        with contextlib.suppress(ValueError):
+            budget = min(budget, max(float(hint) * 0.95, 0.5))
+    rid = request[REQUEST_ID]
+    answer = await request.app[DISPATCHER].embed(EmbedRequest(
+        embed=req, inputs=inputs, request_id=rid, deadline=time.monotonic() + budget,
+        passthrough=request.headers, dimensions=expected))
+    return web.Response(
+        body=encode_response(answer.result, model=req.model,
+                             encoding_format=req.encoding_format),
+        content_type="application/json",
+        headers={"x-request-id": rid, "x-bulwark-provider": answer.provider,
+                 "x-bulwark-attempts": str(answer.attempts),
+                 "x-bulwark-fallback": answer.fallback})
