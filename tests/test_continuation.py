@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import aiohttp
 import msgspec
 import openai
 import pytest
@@ -13,6 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bulwark.config import ModelPolicy, Provider, Settings
+from bulwark.providers.base import Call
+from bulwark.providers.openai import OpenAIAdapter
+from bulwark.wire import ChatRequest
 from ops.sim import SIM_STATE, reply_text, reply_words
 from service.app import create_app
 from service.continuation import INSTRUCTION, WINDOW, Seam, overlap
@@ -299,3 +303,18 @@ async def test_anthropic_continues_the_final_assistant_turn(
     assert chunks[-1].model_extra["bulwark"] == {"continued_by": "claude", "at_char": len(SENT)}
     (req,) = claude.requests
     assert req.json()["messages"][-1] == {"role": "assistant", "content": SENT}
+
+
+async def test_prefill_body_per_openai_compatible_dialect() -> None:
+    """Mistral gets only `prefix: true`; other OpenAI-compatible servers also get vLLM's flags."""
+    chat = msgspec.convert({"model": "default", "stream": True, "messages": [
+        *MSG, {"role": "assistant", "content": "Hello"}]}, ChatRequest)
+    call = Call(request=chat, upstream_model="m", request_id="r", prefill=True)
+    async with aiohttp.ClientSession() as session:
+        bodies = {url: msgspec.json.decode(OpenAIAdapter(
+            provider("p", url), session, retry_after_cap=1.0)._body(call, stream=True))
+            for url in ("https://api.mistral.ai/v1", "http://127.0.0.1:8000/v1")}
+    mistral, vllm = bodies.values()
+    assert mistral["messages"][-1] == {"role": "assistant", "content": "Hello", "prefix": True}
+    assert "continue_final_message" not in mistral
+    assert vllm["continue_final_message"] is True and vllm["add_generation_prompt"] is False
