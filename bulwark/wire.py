@@ -107,13 +107,16 @@ class ChatRequest(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unkno
         return None
 
 
-class Usage(msgspec.Struct, kw_only=True, omit_defaults=True):
+# Answers we build (Anthropic/Gemini translations, cache, canned) carry every field OpenAI
+# always sends — `object`, `choices: []` in the usage chunk, zero token counts — so that
+# no defaults are omitted here; UNSET fields are still left out.
+class Usage(msgspec.Struct, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
 
 
-class ResponseMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
+class ResponseMessage(msgspec.Struct, kw_only=True):
     role: str = "assistant"
     content: str | None = None
     tool_calls: list[ToolCall] | UnsetType = UNSET
@@ -127,7 +130,7 @@ class Choice(msgspec.Struct, kw_only=True):
     logprobs: dict[str, Any] | None = None
 
 
-class ChatCompletion(msgspec.Struct, kw_only=True, omit_defaults=True):
+class ChatCompletion(msgspec.Struct, kw_only=True):
     id: str
     object: str = "chat.completion"
     created: int
@@ -151,7 +154,7 @@ class ChunkChoice(msgspec.Struct, kw_only=True):
     logprobs: dict[str, Any] | None = None
 
 
-class Chunk(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Chunk(msgspec.Struct, kw_only=True):
     id: str
     object: str = "chat.completion.chunk"
     created: int
