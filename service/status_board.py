@@ -166,7 +166,15 @@ class StatusBoard:
             rt = self.router.runtimes.get(p.name)
             row = self.view.rows.get(p.name)
             local = str(rt.breaker.state) if rt is not None else "closed"
-            if row is not None and row.breaker == local:
+            # provider_state keeps one reason, the last writer's (often healthd about
+            # health): the breaker's own is that of the change that put it where it is.
+            moved = next((i for i in hist.incidents
+                          if i.provider == p.name and i.to_state == local), None)
+            if local == str(State.CLOSED):
+                reason = ""
+            elif moved is not None:
+                reason = moved.reason
+            elif row is not None and row.breaker == local:
                 reason = row.reason
             elif local == str(State.OPEN):
                 reason = "opened by this process's own failed requests"
