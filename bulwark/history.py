@@ -9,7 +9,6 @@ timings and the gateway's own breaker reasons.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Protocol
 
 import msgspec
@@ -151,6 +150,3 @@ async def recent_history(conn: Fetcher, *, timeout: float | None = None) -> Hist
     ]
     return History(probes=probes, stats=stats, incidents=incidents, errors=errors)
 
-
-def epoch(at: datetime | None) -> float | None:
-    return None if at is None else at.timestamp()
