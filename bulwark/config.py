@@ -202,15 +202,30 @@ def resolve(cfg: ProviderConfig, settings: Settings) -> Provider:
     )
 
 
+#: The providers of the built-in simulator when no providers file exists: enough to fail
+#: one and watch another answer. Priorities follow the order, so answers come from alpha
+#: while it is healthy (predictable for a first try), then beta, then gamma.
+SIM_FLEET = ("alpha", "beta", "gamma")
+
+
+def sim_base_url(settings: Settings, name: str) -> str:
+    """Where the simulator fleet serves `name`: `/<name>/v1` beside the root's `/v1`."""
+    root = settings.sim_url.rstrip("/")
+    root = root.removesuffix("/v1")
+    return f"{root}/{name}/v1"
+
+
 def sim_providers(settings: Settings) -> list[Provider]:
-    """The default when no providers file exists: the built-in simulator answers every model."""
-    cfg = ProviderConfig(
-        name="sim",
-        kind="sim",
-        base_url=settings.sim_url,
-        models={"default": "sim-1", "gpt-4o-mini": "sim-1", "gpt-4o": "sim-1"},
-    )
-    return [resolve(cfg, settings)]
+    """The default when no providers file exists: the built-in simulator as a fleet of
+    three providers (`SIM_FLEET`) that each answer every model. They are probed with a
+    one-token chat, so probes measure time to first token as well. One retry each (not
+    HTTP_RETRIES): with two of three failed, the third still answers within the default
+    attempt cap (BULWARK_MAX_ATTEMPTS, 6)."""
+    models = {"default": "sim-1", "gpt-4o-mini": "sim-1", "gpt-4o": "sim-1"}
+    return [resolve(ProviderConfig(name=name, kind="sim", base_url=sim_base_url(settings, name),
+                                   priority=i, health_check="chat", retries=1, models=models),
+                    settings)
+            for i, name in enumerate(SIM_FLEET, start=1)]
 
 
 def providers_path(settings: Settings, cwd: Path | None = None) -> Path | None:

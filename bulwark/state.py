@@ -143,6 +143,13 @@ class View:
         self._healthd_age = age_sec
         self._healthd_measured_at = self._clock()
 
+    def heard_age(self) -> float | None:
+        """Seconds since the bus last heard from Postgres (its heartbeat query); None
+        before the first. The view is at most this stale, plus NOTIFY delivery."""
+        if self._healthd_measured_at is None:
+            return None
+        return self._clock() - self._healthd_measured_at
+
     def healthd_age(self) -> float | None:
         """Current estimate of healthd's heartbeat age; grows while we cannot measure it."""
         if self._healthd_age is None or self._healthd_measured_at is None:

@@ -1,4 +1,5 @@
 """`python -m healthd`: the health daemon (one active, others stand by).
+`python -m healthd report --since 24h [--json]` prints the reliability report instead.
 
 Exits only when told to (SIGTERM/SIGINT: 0, within 2 s) or on a configuration error (2):
 honcho stops the whole formation when any process exits, so a transient fault — Postgres
@@ -85,7 +86,12 @@ async def serve(config: HealthdConfig, providers: Sequence[Provider]) -> int:
     return 0
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["report"]:
+        from healthd.report import main as report
+
+        return report(args[1:])
     try:
         settings = settings_from_env()
         providers = load_providers(settings)

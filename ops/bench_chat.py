@@ -491,7 +491,7 @@ class Bench:
             os.sched_setaffinity(0, self.helper_cpus)
         up_port = self.ports["direct"] = free_port()
         if self.args.upstream == "sim":
-            up_argv = [py, "-m", "ops.sim", "--port", str(up_port)]
+            up_argv = [py, "-m", "bulwark.sim", "--port", str(up_port)]
         else:
             up_argv = [py, "-m", "ops.bench_upstream", "--port", str(up_port)]
         up = self._spawn("upstream", up_argv, env, self.upstream_cpus)
@@ -1020,7 +1020,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES),
                         help="comma-separated of json,stream,paced")
     parser.add_argument("--upstream", choices=("raw", "sim"), default="raw",
-                        help="raw: ops/bench_upstream.py (default); sim: ops/sim.py")
+                        help="raw: ops/bench_upstream.py (default); sim: bulwark/sim.py")
     parser.add_argument("--gateway-module", default="service",
                         help="module run as the gateway (a profiling wrapper, say)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")

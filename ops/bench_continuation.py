@@ -132,7 +132,7 @@ continue_streams = true
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PORT")}
     env.update({"BULWARK_PROVIDERS": str(providers), "BULWARK_PORT": str(ports["gateway"]),
                 "LOG_LEVEL": "ERROR", "CB_FAIL_THRESHOLD": "1000"})
-    procs = [spawn([py, "-m", "ops.sim", "--port", str(ports[n]), "--name", n], env,
+    procs = [spawn([py, "-m", "bulwark.sim", "--port", str(ports[n]), "--name", n], env,
                    logs / f"{n}.log") for n in ("alpha", "beta")]
     procs.append(spawn([py, "-m", "service"], env, logs / "gateway.log"))
     pace = {"chunk_delay_ms": args.pace_ms}

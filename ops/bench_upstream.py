@@ -2,7 +2,7 @@
 
 Raw asyncio (uvloop) over HTTP/1.1 keep-alive, canned bytes only: the benchmark measures the
 gateway and the bare pass-through, so the upstream must cost as little CPU per request as
-possible and never be the bottleneck. The simulator (`ops/sim.py`) is a full aiohttp app with
+possible and never be the bottleneck. The simulator (`bulwark/sim.py`) is a full aiohttp app with
 fault injection, a request log and per-request JSON encoding; this is several times cheaper.
 
     POST /v1/chat/completions   {"stream": false}  a canned chat.completion (20 words)

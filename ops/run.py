@@ -2,8 +2,9 @@
 
 - PostgreSQL: `DATABASE_URL` if set, else an embedded cluster kept under `.data/pg`.
 - The schema (`python -m schema migrate`).
-- The provider simulator on :9100 (served by the web process) when no providers file is
-  configured, so that the first `curl` gets an answer.
+- The provider simulator on :9100 (served by the web process) as three providers, alpha,
+  beta and gamma, when no providers file is configured, so that the first `curl` gets an
+  answer and a second shows a failover once one of them is failed.
 - healthd, and `--web N` web processes sharing `BULWARK_PORT` (default 8080).
 
 Ctrl-C (or SIGTERM) stops the processes, then the embedded cluster.
@@ -21,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bulwark.config import providers_path, settings_from_env
+from bulwark.config import SIM_FLEET, providers_path, settings_from_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run: schema ready (applied now: {applied or 'nothing'})", flush=True)
 
         python = sys.executable
+        sim_root = settings.sim_url.rstrip("/").removesuffix("/v1")
         if providers_path(settings) is None:
-            print(f"run: no providers file: the web process serves the simulator at "
-                  f"{settings.sim_url}", flush=True)
+            print(f"run: no providers file: the web process serves the simulator as "
+                  f"{', '.join(SIM_FLEET)} at {sim_root}/<name>/v1", flush=True)
         if not args.no_healthd:
             procs.append(("healthd", subprocess.Popen([python, "-m", "healthd"], env=env)))
         for _ in range(args.web):
@@ -86,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                   "-H 'Content-Type: application/json' "
                   "-d '{\"model\": \"default\", \"messages\": [{\"role\": \"user\", "
                   "\"content\": \"Hello\"}]}'", flush=True)
+            if providers_path(settings) is None:
+                print(f"run: fail a provider:  curl -X POST {sim_root}/{SIM_FLEET[0]}/_sim/fail"
+                      f"   (heal: …/_sim/reset)\n"
+                      f"run: watch it:         {base}/status", flush=True)
         while not stopping:
             for name, proc in procs:
                 if proc.poll() is not None:

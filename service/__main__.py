@@ -12,6 +12,7 @@ from aiohttp import web
 
 from bulwark.config import (
     ConfigError,
+    Provider,
     Settings,
     load_models,
     load_providers,
@@ -25,24 +26,29 @@ log = logging.getLogger("bulwark.web")
 
 
 def embedded_simulator(
-        settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
-    """With no providers file, the built-in simulator answers at BULWARK_SIM_URL, served
-    from this process, so that `python -m service` alone answers a first curl. Several web
-    processes share its port like they share theirs; an external simulator already on that
-    port (ops/run, tests) is used instead."""
+        settings: Settings,
+        providers: list[Provider]) -> Callable[[web.Application], AsyncIterator[None]]:
+    """With no providers file, the built-in simulator fleet (one simulator per provider of
+    `sim_providers`) answers at BULWARK_SIM_URL, served from this process, so that
+    `python -m service` alone answers a first curl. Several web processes share its port
+    like they share theirs (each with its own simulator state: a `/_sim/fail` reaches one
+    of them; `ops/run` starts one web process); an external simulator already on that
+    port (tests) is used instead."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        from ops.sim import create_sim_app
+        from bulwark.sim import create_fleet_app
 
         url = urlsplit(settings.sim_url)
-        runner = web.AppRunner(create_sim_app("sim"), access_log=None)
+        fleet = create_fleet_app([p.name for p in providers])
+        runner = web.AppRunner(fleet, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, url.hostname or "127.0.0.1", url.port or 9100,
                            reuse_port=True)
         try:
             await site.start()
             log.info("no providers file: built-in simulator serving",
-                     extra={"url": settings.sim_url})
+                     extra={"url": settings.sim_url,
+                            "providers": ",".join(p.name for p in providers)})
         except OSError:
             log.info("no providers file: using the simulator already at %s", settings.sim_url)
         try:
@@ -70,7 +76,7 @@ def main() -> int:
         loop = uvloop.new_event_loop()
     app = create_app(settings, providers, models=models)
     if providers_path(settings) is None:
-        app.cleanup_ctx.insert(0, embedded_simulator(settings))
+        app.cleanup_ctx.insert(0, embedded_simulator(settings, providers))
 
     def announce(_: str) -> None:
         # run_app calls this once every site is bound: "ready" means accepting requests.

@@ -20,8 +20,9 @@ from bulwark.state import View
 from service import keys
 from service.dispatch import Dispatcher
 from service.edge import edge
+from service.observers import Observers, RecentFailures
 from service.router import ProviderRuntime, Router
-from service.routes import chat, embeddings, health
+from service.routes import chat, embeddings, health, health_detailed, status
 from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync, run_sync
 
@@ -74,10 +75,12 @@ def create_app(settings: Settings, providers: list[Provider], *,
         app[keys.SYNC] = sync
         recorder = ErrorRecorder()
         app[keys.ERRORS] = recorder
+        recent = RecentFailures()
+        app[keys.RECENT_FAILURES] = recent
         app[keys.DISPATCHER] = Dispatcher(
             router, max_attempts=settings.max_attempts,
             backoff=Backoff(base_sec=settings.http_backoff_base_ms / 1000.0),
-            observer=recorder if settings.database_url else None)
+            observer=Observers([recent, recorder if settings.database_url else None]))
         yield
 
     async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -118,4 +121,6 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(router_ctx)
     app.cleanup_ctx.append(bus_ctx)
+    status.setup(app)
+    app.add_routes(health_detailed.routes)
     return app

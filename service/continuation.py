@@ -54,7 +54,7 @@ WINDOW = 256
 #: OpenAI's rule of thumb for English text; the failed provider never reported its count.
 CHARS_PER_TOKEN = 4
 #: Sent, after the partial answer, to a provider that does not continue a final assistant
-#: message by itself. The simulator recognises its first words (ops/sim.py).
+#: message by itself. The simulator recognises its first words (bulwark/sim.py).
 INSTRUCTION = ("Continue your previous answer exactly where it stops. Do not repeat any of "
                "it and add nothing before it: what you write is appended to it as it is.")
 

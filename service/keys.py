@@ -8,7 +8,9 @@ from aiohttp import web
 from bulwark.config import ModelPolicy, Provider, Settings
 from bulwark.state import View
 from service.dispatch import Dispatcher
+from service.observers import RecentFailures
 from service.router import Router
+from service.status_board import StatusBoard
 from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync
 
@@ -22,6 +24,10 @@ ROUTER = web.AppKey("router", Router)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SYNC = web.AppKey("sync", StateSync)
 ERRORS = web.AppKey("errors", ErrorRecorder)
+#: This process's recent upstream failures by class (the error mix of /health/detailed).
+RECENT_FAILURES = web.AppKey("recent_failures", RecentFailures)
+#: The status page's snapshot and its live streams (/status, /status/events).
+STATUS = web.AppKey("status", StatusBoard)
 #: Open SSE streams, so that shutdown can end them with an error event, never silently.
 STREAMS = web.AppKey("streams", OpenStreams)
 

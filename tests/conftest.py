@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from bulwark.config import Provider, ProviderConfig, Settings, resolve
-from ops.sim import create_sim_app
+from bulwark.sim import create_sim_app
 from service.app import create_app
 from tests.pg import db, pg_clean, pg_dsn  # noqa: F401  (fixtures)
 from tests.procs import INTERVAL, ROOT, Daemon, Spawn

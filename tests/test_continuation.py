@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from bulwark.config import ModelPolicy, Provider, Settings
 from bulwark.providers.base import Call
 from bulwark.providers.openai import OpenAIAdapter
+from bulwark.sim import SIM_STATE, reply_text, reply_words
 from bulwark.wire import ChatRequest
-from ops.sim import SIM_STATE, reply_text, reply_words
 from service.app import create_app
 from service.continuation import INSTRUCTION, WINDOW, Seam, overlap
 from tests.conftest import Gateway, Sim, SimFactory, provider

@@ -13,7 +13,7 @@ import pytest
 
 from bulwark.config import ModelPolicy, Provider, Settings
 from bulwark.embeddings import MAX_INPUT_CHARS, MAX_INPUTS
-from ops.sim import SIM_STATE, embedding_vector
+from bulwark.sim import SIM_STATE, embedding_vector
 from service.app import create_app
 from tests.conftest import Gateway, Sim, SimFactory, provider
 from tests.scripted import Reply, refused_url, start_upstream

@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from ops.sim import DEFAULT_CHUNKS, SIM_STATE, create_sim_app, reply_text
+from bulwark.sim import DEFAULT_CHUNKS, SIM_STATE, create_fleet_app, create_sim_app, reply_text
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}
@@ -426,9 +426,9 @@ def free_port() -> int:
 
 
 async def test_main_serves_as_a_process(session: aiohttp.ClientSession) -> None:
-    """`python -m ops.sim --port P --name N` serves chat on P as N."""
+    """`python -m bulwark.sim --port P --name N` serves chat on P as N."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ops.sim", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "bulwark.sim", "--port", str(port),
                              "--name", "gamma"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
@@ -448,3 +448,37 @@ async def test_main_serves_as_a_process(session: aiohttp.ClientSession) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err.decode()
+
+
+async def test_fleet_serves_each_name_under_its_prefix(aiohttp_server: AiohttpServer,
+                                                       session: aiohttp.ClientSession) -> None:
+    """A fleet app answers as `sim` at / and as each name under /<name>; `/_sim/fail`
+    (with `?status=`) fails only that one, probes included, until `/_sim/reset`; a status
+    that is not an error is refused."""
+    server = await aiohttp_server(create_fleet_app(["alpha", "beta"]))
+    for prefix, name in (("", "sim"), ("/alpha", "alpha"), ("/beta", "beta")):
+        async with session.post(url(server, f"{prefix}/v1/chat/completions"), json=CHAT) as r:
+            assert (await r.json())["choices"][0]["message"]["content"] == reply_text(name)
+    async with session.post(url(server, "/beta/_sim/fail?status=503")) as resp:
+        assert await resp.json() == {"ok": True, "name": "beta", "status": 503}
+    async with session.post(url(server, "/beta/v1/chat/completions"), json=CHAT) as resp:
+        assert resp.status == 503
+    async with session.get(url(server, "/beta/v1/models")) as resp:
+        assert resp.status == 503
+    async with session.post(url(server, "/alpha/v1/chat/completions"), json=CHAT) as resp:
+        assert resp.status == 200
+    async with session.post(url(server, "/alpha/_sim/fail?status=200")) as resp:
+        assert resp.status == 400
+    async with session.post(url(server, "/beta/_sim/reset")) as resp:
+        assert resp.status == 200
+    async with session.post(url(server, "/beta/v1/chat/completions"), json=CHAT) as resp:
+        assert resp.status == 200
+
+
+async def test_fail_header_fails_only_the_named_simulators(
+        sim: TestServer, session: aiohttp.ClientSession) -> None:
+    """`x-sim-fail` lists simulator names: the one named answers 530, another ignores it."""
+    status, _, _ = await chat(session, sim, CHAT, {"x-sim-fail": "beta, alpha"})
+    assert status == 530
+    status, _, _ = await chat(session, sim, CHAT, {"x-sim-fail": "beta"})
+    assert status == 200
