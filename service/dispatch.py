@@ -4,6 +4,14 @@ For a stream, nothing is sent to the client until a provider has produced its fi
 chunk: a provider failing before that is replaced invisibly. After the first byte, a failure
 is a final `data: {"error": …}` event — never a clean end without finish_reason and [DONE],
 and never a silent switch to another provider (that would mix two answers in one).
+
+When nothing can answer now, the plan goes on, in order (CONTRACT.md "When nothing can
+answer now"): another provider (`failover`), the models of `fallback_models` within the same
+attempt cap and deadline (`model`), a stored answer no older than `cache_ttl_sec` (`cache`),
+the canned reply for a client that accepts one (`canned`), `QueueInstead` for a client that
+accepts a job, else the error. The fleet's degradation level bends the plan
+(docs/DEGRADATION.md): `moderate` drops same-provider retries and halves the attempt cap,
+`severe` serves stored answers first and queues at once, `critical` calls no provider.
 """
 
 from __future__ import annotations
@@ -14,6 +22,11 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Literal, NamedTuple, Protocol
 
+import msgspec
+
+from bulwark.cache import ResponseCache, cache_key
+from bulwark.config import DEFAULT_POLICY, ModelPolicy
+from bulwark.degradation import Degradation, Level
 from bulwark.errors import (
     C,
     DeadlineExceeded,
@@ -25,8 +38,16 @@ from bulwark.errors import (
     final_error,
 )
 from bulwark.providers.base import Call, Completion, StreamEvent
+from bulwark.replay import (
+    assemble,
+    canned,
+    completion_of,
+    events_of,
+    relabel_completion,
+    relabel_event,
+)
 from bulwark.retry import Backoff, retry_delay
-from bulwark.wire import ChatRequest
+from bulwark.wire import ChatRequest, Chunk
 from service.router import ProviderRuntime, Router
 
 log = logging.getLogger("bulwark.dispatch")
@@ -35,17 +56,34 @@ log = logging.getLogger("bulwark.dispatch")
 Fallback = Literal["none", "failover", "model", "cache", "canned", "queued"]
 
 
+#: `x-bulwark-provider` of an answer that no provider gave now.
+CACHE_PROVIDER = "cache"
+CANNED_PROVIDER = "canned"
+#: Retry-After of the 503 at `critical`: the level is an operator's (or healthd's) word,
+#: not a provider's cooldown; a client asking again this soon learns the next level.
+CRITICAL_RETRY_AFTER_SEC = 10.0
+
+
 class Answer(NamedTuple):
     completion: Completion
     provider: str
     attempts: int
     fallback: Fallback
+    #: Seconds since a stored answer was answered (`x-bulwark-cache-age`); None otherwise.
+    cache_age: float | None = None
 
 
 class Sink(Protocol):
-    """Where a stream goes: SSE response, WebSocket, …"""
+    """Where a stream goes: SSE response, WebSocket, …
 
-    async def start(self, provider: str, attempts: int, fallback: Fallback) -> None: ...
+    `start` once, before the first event; then `event` per chunk; then exactly one of
+    `done` (the answer is complete: the sink ends it, e.g. `data: [DONE]`) or `fail` (a
+    final error event). `cache_age` is passed, as a keyword, only when the answer is a
+    stored one (`fallback == "cache"`): seconds since it was answered.
+    """
+
+    async def start(self, provider: str, attempts: int, fallback: Fallback, *,
+                    cache_age: float | None = None) -> None: ...
     async def event(self, ev: StreamEvent) -> None: ...
     async def done(self) -> None: ...
     async def fail(self, err: GatewayError) -> None: ...
@@ -74,6 +112,27 @@ class Request(NamedTuple):
     passthrough: Mapping[str, str]
     #: The client sent `Prefer: respond-async`: "nobody can answer now" becomes a job.
     may_queue: bool = False
+    #: `Cache-Control: no-store`: this answer is not stored.
+    no_store: bool = False
+    #: `Cache-Control: no-cache`: no stored answer is served.
+    no_cache: bool = False
+    #: `x-bulwark-accept-canned: true`: the model's canned reply is an acceptable answer.
+    accept_canned: bool = False
+    #: Whose cache this is (a client key id once per-key caching lands; "" = shared).
+    cache_scope: str = ""
+
+
+class _Plan(NamedTuple):
+    """What the request's model policy and the fleet's level make of one request."""
+
+    policy: ModelPolicy
+    level: Level
+    cache: ResponseCache | None  # None: no stored answer is served for this request
+    key: str | None
+    store: bool  # a whole, successful answer is stored under `key`
+    first: bool  # look for a stored answer before any provider
+    cap: int  # attempts across retries, failover and fallback models
+    retries: bool  # same-provider retries allowed
 
 
 def _rejected(err: UpstreamError, should_retry: bool | None) -> GatewayError:
@@ -90,13 +149,72 @@ class Dispatcher:
     def __init__(self, router: Router, *, max_attempts: int, backoff: Backoff,
                  observer: Observer | None = None,
                  sleep: Callable[[float], Awaitable[None]] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 models: Mapping[str, ModelPolicy] | None = None,
+                 cache: ResponseCache | None = None,
+                 degradation: Degradation | None = None) -> None:
         self.router = router
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.observer = observer
         self._sleep = sleep or asyncio.sleep
         self._clock = clock
+        self.models = models or {}
+        self.cache = cache
+        self.degradation = degradation
+
+    def _plan(self, req: Request) -> _Plan:
+        policy = self.models.get(req.chat.model, DEFAULT_POLICY)
+        level = self.degradation.level if self.degradation is not None else Level.NORMAL
+        cache = self.cache if policy.cache != "off" else None
+        store = cache is not None and not req.no_store
+        key = None
+        if cache is not None and (store or not req.no_cache):
+            key = cache_key(req.chat, req.cache_scope)
+        if cache is not None and req.no_cache:
+            cache = None  # may store, never serve
+        first = cache is not None and (policy.cache == "first" or level >= Level.SEVERE)
+        cap, retries = self.max_attempts, True
+        if level >= Level.MODERATE:
+            # A struggling fleet: no second try on the same provider, and half the attempts,
+            # so the fallback chain and the stored answers are reached sooner.
+            cap, retries = max(1, (self.max_attempts + 1) // 2), False
+        return _Plan(policy, level, cache, key, store, first, cap, retries)
+
+    async def _before_live(self, req: Request, p: _Plan) -> Answer | None:
+        """Severe and above, or `cache = "first"`: a fresh stored answer first; then, at
+        severe and above, a client that accepts a job gets one without waiting."""
+        if p.first and p.cache is not None and p.key is not None:
+            hit = await p.cache.lookup(p.key, p.policy.cache_ttl_sec)
+            if hit is not None:
+                return Answer(completion_of(hit.body), CACHE_PROVIDER, 0, "cache", hit.age)
+        if p.level >= Level.SEVERE and req.may_queue:
+            raise QueueInstead
+        return None
+
+    async def _no_live_answer(self, req: Request, p: _Plan, err: GatewayError,
+                              attempts: int) -> Answer:
+        """Nothing live answered: a stored answer, the canned reply, a job, else `err`."""
+        if isinstance(err, UpstreamRejected):
+            raise err  # the caller's own request: no stored answer is an answer to it
+        if p.cache is not None and p.key is not None and not p.first:
+            # A Postgres read on the failure path, bounded by the cache's lookup timeout.
+            hit = await p.cache.lookup(p.key, p.policy.cache_ttl_sec)
+            if hit is not None:
+                return Answer(completion_of(hit.body), CACHE_PROVIDER, attempts, "cache",
+                              hit.age)
+        if req.accept_canned and p.policy.canned_reply:
+            return Answer(canned(p.policy.canned_reply, req.chat.model), CANNED_PROVIDER,
+                          attempts, "canned")
+        if req.may_queue:
+            raise QueueInstead
+        raise err
+
+    def _critical(self) -> GatewayError:
+        return ServiceUnavailable(
+            "The service is in critical degradation: no provider is called now, and no "
+            "stored answer fits this request; retry after the delay given.",
+            code="service_degraded", retry_after=CRITICAL_RETRY_AFTER_SEC)
 
     def _no_provider(self, req: Request, failures: list[UpstreamError],
                      attempts: int) -> GatewayError:
@@ -130,20 +248,27 @@ class Dispatcher:
         if self.observer is not None:
             self.observer.attempt_failed(rt.name, err, req.request_id, req.chat.model)
 
-    def _call(self, rt: ProviderRuntime, req: Request) -> Call:
-        return Call(request=req.chat, upstream_model=rt.provider.models[req.chat.model],
+    def _call(self, rt: ProviderRuntime, req: Request, model: str) -> Call:
+        return Call(request=req.chat, upstream_model=rt.provider.models[model],
                     request_id=req.request_id, passthrough=req.passthrough)
 
     async def complete(self, req: Request) -> Answer:
+        p = self._plan(req)
+        if p.first or p.level >= Level.SEVERE:
+            early = await self._before_live(req, p)
+            if early is not None:
+                return early
+        if p.level >= Level.CRITICAL:
+            return await self._no_live_answer(req, p, self._critical(), 0)
         failures: list[UpstreamError] = []
-        plan = _Attempts(self, req)
+        plan = _Attempts(self, req, p)
         while (rt := await plan.next(failures[-1] if failures else None)) is not None:
-            attempts = plan.count
+            attempts, model = plan.count, plan.model
             timeout = min(rt.provider.timeouts.total, req.deadline - self._clock())
             started = self._clock()
             try:
                 async with asyncio.timeout(timeout):
-                    completion = await rt.adapter.complete(self._call(rt, req))
+                    completion = await rt.adapter.complete(self._call(rt, req, model))
             except UpstreamError as err:
                 failures.append(err)
             except TimeoutError:
@@ -155,19 +280,53 @@ class Dispatcher:
             else:
                 rt.breaker.record_success(self._clock() - started)
                 fallback: Fallback = "failover" if failures else "none"
+                if model != req.chat.model:
+                    completion = relabel_completion(completion, model)
+                    fallback = "model"
+                if p.store and p.key is not None and self.cache is not None:
+                    self.cache.remember(p.key, model, completion.body)
                 return Answer(completion, rt.name, attempts, fallback)
             last = failures[-1]
             self._failed(rt, last, req)
             if not last.policy.failover:
                 raise _rejected(last, False if attempts > 1 else None)
-        raise self._no_provider(req, failures, plan.count)
+        final = self._no_provider(req, failures, plan.count)
+        return await self._no_live_answer(req, p, final, plan.count)
+
+    async def _replay(self, req: Request, answer: Answer, sink: Sink) -> None:
+        """A stored or canned answer as a proper stream: chunks, finish_reason, [DONE]."""
+        events = events_of(answer.completion.parsed, include_usage=req.chat.include_usage)
+        try:
+            if answer.cache_age is None:
+                await sink.start(answer.provider, answer.attempts, answer.fallback)
+            else:
+                await sink.start(answer.provider, answer.attempts, answer.fallback,
+                                 cache_age=answer.cache_age)
+            for ev in events:
+                await sink.event(ev)
+            await sink.done()
+        except ClientGone:
+            return
 
     async def stream(self, req: Request, sink: Sink) -> None:
         """Stream one answer into `sink`; raises GatewayError only before anything was sent."""
+        p = self._plan(req)
+        if p.first or p.level >= Level.SEVERE:
+            early = await self._before_live(req, p)
+            if early is not None:
+                await self._replay(req, early, sink)
+                return
+        if p.level >= Level.CRITICAL:
+            await self._replay(req, await self._no_live_answer(req, p, self._critical(), 0),
+                               sink)
+            return
         failures: list[UpstreamError] = []
-        plan = _Attempts(self, req)
+        plan = _Attempts(self, req, p)
         while (rt := await plan.next(failures[-1] if failures else None)) is not None:
-            attempts = plan.count
+            attempts, model = plan.count, plan.model
+            relabelled = model != req.chat.model
+            # Chunks kept to store the whole answer once it is complete (never a part).
+            kept: list[Chunk] | None = [] if p.store else None
             t = rt.provider.timeouts
             now = self._clock()
             loop = asyncio.get_running_loop()
@@ -175,7 +334,7 @@ class Dispatcher:
             # chunk, then the total deadline. Idle gaps are aiohttp's sock_read timeout.
             total_at = loop.time() + min(t.total, req.deadline - now)
             first_at = min(loop.time() + t.first_token, total_at)
-            events = rt.adapter.stream(self._call(rt, req))
+            events = rt.adapter.stream(self._call(rt, req, model))
             sent = False
             try:
                 async with asyncio.timeout_at(first_at) as timer:
@@ -189,14 +348,33 @@ class Dispatcher:
                     # slow-call rule judges the time to the first token.
                     ttft = self._clock() - now
                     fallback: Fallback = "failover" if failures else "none"
+                    if relabelled:
+                        fallback = "model"
                     sent = True
                     await sink.start(rt.name, attempts, fallback)
+                    if relabelled:
+                        buffered = [relabel_event(ev, model) for ev in buffered]
+                    if kept is not None:
+                        kept += (ev.chunk for ev in buffered)
                     for ev in buffered:
                         await sink.event(ev)
-                    async for ev in events:
-                        await sink.event(ev)
+                    if relabelled:
+                        async for ev in events:
+                            out = relabel_event(ev, model)
+                            if kept is not None:
+                                kept.append(out.chunk)
+                            await sink.event(out)
+                    elif kept is not None:
+                        async for ev in events:
+                            kept.append(ev.chunk)
+                            await sink.event(ev)
+                    else:
+                        async for ev in events:
+                            await sink.event(ev)
                 rt.breaker.record_success(ttft)
                 await sink.done()
+                if kept is not None:
+                    self._keep_stream(p, model, kept)
                 return
             except ClientGone:
                 rt.breaker.record_ignored()
@@ -235,7 +413,20 @@ class Dispatcher:
                 return
             finally:
                 await events.aclose()
-        raise self._no_provider(req, failures, plan.count)
+        final = self._no_provider(req, failures, plan.count)
+        await self._replay(req, await self._no_live_answer(req, p, final, plan.count), sink)
+
+    def _keep_stream(self, p: _Plan, model: str, chunks: list[Chunk]) -> None:
+        """Store a stream that completed, as one chat.completion."""
+        if p.key is None or self.cache is None:
+            return
+        try:
+            body = assemble(chunks)
+        except (msgspec.MsgspecError, TypeError, ValueError):
+            log.exception("could not assemble a finished stream for the cache")
+            return
+        if body is not None:
+            self.cache.remember(p.key, model, body)
 
 
 def _stream_error(err: UpstreamError) -> GatewayError:
@@ -254,23 +445,29 @@ def _stream_error(err: UpstreamError) -> GatewayError:
 
 class _Attempts:
     """Hands out attempts in order: retries of one provider (with backoff, when the last
-    failure's class allows it), then the next provider; none past the attempt cap or the
-    deadline, and none to a provider whose breaker refuses."""
+    failure's class allows it and the level does), then the next provider, then the next
+    model of `fallback_models`; none past the attempt cap or the deadline (one budget for
+    the whole chain), and none to a provider whose breaker refuses."""
 
-    def __init__(self, d: Dispatcher, req: Request) -> None:
+    def __init__(self, d: Dispatcher, req: Request, p: _Plan) -> None:
         self._d = d
         self._req = req
-        self._order = iter(d.router.plan(req.chat.model).order)
+        self._cap = p.cap
+        self._retries = p.retries
+        self._models = iter(p.policy.fallback_models)
+        #: The model whose providers are being tried (the request's, then fallbacks).
+        self.model = req.chat.model
+        self._order = iter(d.router.plan(self.model).order)
         self._current: ProviderRuntime | None = None
         self._tries = 0
         self.count = 0
 
     def _budget_left(self) -> bool:
-        return self.count < self._d.max_attempts and self._d._clock() < self._req.deadline
+        return self.count < self._cap and self._d._clock() < self._req.deadline
 
     async def next(self, last: UpstreamError | None) -> ProviderRuntime | None:
         d, rt = self._d, self._current
-        if rt is not None and last is not None:
+        if rt is not None and last is not None and self._retries:
             delay = retry_delay(last, attempt=self._tries - 1, retries=rt.provider.retries,
                                 backoff=d.backoff, time_left=self._req.deadline - d._clock())
             if delay is not None:
@@ -280,11 +477,17 @@ class _Attempts:
                     self._tries += 1
                     self.count += 1
                     return rt
-        for rt in self._order:
-            if not self._budget_left():
+        while True:
+            for rt in self._order:
+                if not self._budget_left():
+                    return None
+                if rt.breaker.allow():
+                    self._current, self._tries = rt, 1
+                    self.count += 1
+                    return rt
+            # Every provider of this model failed, is open or rate limited: the next model.
+            model = next(self._models, None)
+            if model is None or not self._budget_left():
                 return None
-            if rt.breaker.allow():
-                self._current, self._tries = rt, 1
-                self.count += 1
-                return rt
-        return None
+            self.model, self._current = model, None
+            self._order = iter(d.router.plan(model).order)
