@@ -18,6 +18,11 @@ answer (`cache = "fallback"`, RFC 5861 stale-if-error) or before asking anyone (
   `memory_bytes` of answers; the pending batch at most `MAX_PENDING` answers (the oldest
   go first); `prune()` (healthd's hourly retention) deletes rows older than the retention
   and the oldest beyond `store_max_bytes`.
+- **Two forms**: a whole answer is stored as the chat.completion the client got
+  (`completion`); a finished stream as its chunks, one JSON text each separated by RS
+  (0x1E, RFC 7464), as they were sent (`chunks`) — joining them costs ~1 µs, assembling
+  them into a completion ~30 µs, so assembly happens when a stored stream is served
+  (bulwark/replay.py `stored_completion`), on the rare path.
 - **What is never stored**: errors, an answer that did not complete, an answer to a request
   that said `Cache-Control: no-store` — the dispatcher only calls `remember()` for a whole,
   successful answer that may be stored.
@@ -32,7 +37,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import asyncpg
 import msgspec
@@ -68,18 +73,18 @@ WRITE_TIMEOUT_SEC = 5.0
 POOL_MAX = 4
 
 _SELECT = """
-SELECT body, greatest(0, extract(epoch FROM now() - created_at))::float8 AS age
+SELECT body, form, greatest(0, extract(epoch FROM now() - created_at))::float8 AS age
 FROM response_cache
 WHERE key = $1 AND created_at > now() - make_interval(secs => $2::float8)
 """
 # created_at from the database clock minus how long the answer waited in this process:
 # no host's wall clock is trusted. Duplicate keys are removed from a batch before this.
 _UPSERT = """
-INSERT INTO response_cache AS c (key, model, body, size, created_at)
-SELECT k, m, b, octet_length(b), now() - make_interval(secs => w)
-FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[]) AS t(k, m, b, w)
+INSERT INTO response_cache AS c (key, model, body, form, size, created_at)
+SELECT k, m, b, f, octet_length(b), now() - make_interval(secs => w)
+FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::float8[]) AS t(k, m, b, f, w)
 ON CONFLICT (key) DO UPDATE SET
-    model = excluded.model, body = excluded.body, size = excluded.size,
+    model = excluded.model, body = excluded.body, form = excluded.form, size = excluded.size,
     created_at = excluded.created_at
 """
 _PRUNE_AGE = ("DELETE FROM response_cache"
@@ -125,15 +130,22 @@ def parse_cache_control(value: str | None) -> CacheControl:
     return CacheControl("no-store" in names, "no-cache" in names)
 
 
+Form = Literal["completion", "chunks"]
+#: Separates a stored stream's chunks: a control character never appears raw in JSON.
+RS = b"\x1e"
+
+
 class Hit(NamedTuple):
-    body: bytes  # a chat.completion, as JSON
+    body: bytes
     age: float  # seconds since it was answered
+    form: Form = "completion"
 
 
 class _Pending(NamedTuple):
     model: str
     body: bytes
     at: float  # monotonic
+    form: Form
 
 
 class _Executor(Protocol):
@@ -155,11 +167,10 @@ class ResponseCache:
         self.memory_bytes = memory_bytes
         self.lookup_timeout = lookup_timeout
         self._clock = clock
-        self._lru: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        #: key -> (body, answered at, form, last queued for Postgres at; all monotonic).
+        self._lru: OrderedDict[str, tuple[bytes, float, Form, float]] = OrderedDict()
         self._bytes = 0
-        self._pending: dict[str, _Pending] = {}
-        #: When this process last queued each key for Postgres (monotonic), for REWRITE_SEC.
-        self._written: dict[str, float] = {}
+        self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
         self._closed = False
@@ -185,34 +196,24 @@ class ResponseCache:
 
     # -- the request path ------------------------------------------------------------
 
-    def remember(self, key: str, model: str, body: bytes) -> None:
+    def remember(self, key: str, model: str, body: bytes, form: Form = "completion") -> None:
         """Keep a whole, successful answer (never blocks, never raises)."""
         size = len(body)
         if size > self.max_entry_bytes:
             self.too_large += 1
             return
         now = self._clock()
-        lru = self._lru
-        old = lru.pop(key, None)
-        if old is not None:
-            self._bytes -= len(old[0])
-        lru[key] = (body, now)
-        self._bytes += size
-        while self._bytes > self.memory_bytes:
-            _, (evicted, _) = lru.popitem(last=False)
-            self._bytes -= len(evicted)
+        old = self._lru.get(key)
+        write = self._dsn is not None and (old is None or now - old[3] >= REWRITE_SEC)
+        self._put(key, body, now, form, now if write or old is None else old[3])
         self.stored += 1
-        if self._dsn is None:
+        if not write:
             return
-        last = self._written.get(key)
-        if last is not None and now - last < REWRITE_SEC:
-            return
-        self._written[key] = now
         pending = self._pending
         pending.pop(key, None)
-        pending[key] = _Pending(model, body, now)
+        pending[key] = _Pending(model, body, now, form)
         if len(pending) > MAX_PENDING:
-            del pending[next(iter(pending))]
+            pending.popitem(last=False)
             self.dropped += 1
 
     def recent(self, key: str, max_age: float) -> Hit | None:
@@ -225,7 +226,7 @@ class ResponseCache:
             return None
         self._lru.move_to_end(key)
         self.hits_memory += 1
-        return Hit(entry[0], age)
+        return Hit(entry[0], age, entry[2])
 
     async def lookup(self, key: str, max_age: float) -> Hit | None:
         """The LRU, then Postgres within `lookup_timeout`; None on a miss, a timeout or an
@@ -253,20 +254,23 @@ class ResponseCache:
             self.misses += 1
             return None
         body, age = bytes(row["body"]), float(row["age"])
+        form: Form = "chunks" if row["form"] == "chunks" else "completion"
         self.hits_db += 1
-        self._keep_found(key, body, age)
-        return Hit(body, age)
+        if len(body) <= self.max_entry_bytes:
+            at = self._clock() - age
+            # Found in Postgres: as good as written then.
+            self._put(key, body, at, form, at)
+        return Hit(body, age, form)
 
-    def _keep_found(self, key: str, body: bytes, age: float) -> None:
-        if len(body) > self.max_entry_bytes:
-            return
-        old = self._lru.pop(key, None)
+    def _put(self, key: str, body: bytes, at: float, form: Form, written: float) -> None:
+        lru = self._lru
+        old = lru.pop(key, None)
         if old is not None:
             self._bytes -= len(old[0])
-        self._lru[key] = (body, self._clock() - age)
+        lru[key] = (body, at, form, written)
         self._bytes += len(body)
         while self._bytes > self.memory_bytes:
-            _, (evicted, _) = self._lru.popitem(last=False)
+            evicted = lru.popitem(last=False)[1][0]
             self._bytes -= len(evicted)
 
     # -- the writer (owned task) -----------------------------------------------------
@@ -290,32 +294,28 @@ class ResponseCache:
         while True:
             await asyncio.sleep(FLUSH_SEC)
             await self.flush()
-            self._forget_old_writes()
-
-    def _forget_old_writes(self) -> None:
-        if len(self._written) < 1024:
-            return
-        cutoff = self._clock() - REWRITE_SEC
-        self._written = {k: t for k, t in self._written.items() if t >= cutoff}
 
     async def flush(self) -> None:
         """Insert what is pending in one statement; on failure it is dropped and counted
         (a cache is best effort: the next answer to the same request is stored again)."""
         if not self._pending or self._dsn is None:
             return
-        batch, self._pending = self._pending, {}
+        batch, self._pending = self._pending, OrderedDict()
         now = self._clock()
         keys = list(batch)
         try:
             async with asyncio.timeout(WRITE_TIMEOUT_SEC):
                 pool = await self._get_pool()
-                await pool.execute(_UPSERT, keys, [p.model for p in batch.values()],
-                                   [p.body for p in batch.values()],
-                                   [max(0.0, now - p.at) for p in batch.values()])
+                items = batch.values()
+                await pool.execute(_UPSERT, keys, [p.model for p in items],
+                                   [p.body for p in items], [p.form for p in items],
+                                   [max(0.0, now - p.at) for p in items])
         except _WRITE_ERRORS as err:
             self.write_failures += len(batch)
             for key in keys:
-                self._written.pop(key, None)  # let the next answer try again
+                entry = self._lru.get(key)
+                if entry is not None:  # let the next answer to it try again
+                    self._lru[key] = (*entry[:3], float("-inf"))
             log.warning("cache write of %d answers failed: %s", len(batch), type(err).__name__)
             return
         self.rows_written += len(batch)

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from bulwark.cache import RS
 from bulwark.providers.base import Completion, StreamEvent
 from bulwark.wire import (
     ChatCompletion,
@@ -28,6 +29,7 @@ from bulwark.wire import (
     ToolCallFunction,
     Usage,
     any_decoder,
+    chunk_decoder,
     completion_decoder,
     encoder,
 )
@@ -129,8 +131,14 @@ def _merge_tool(tools: dict[int, ToolCall], tc: ToolCall) -> None:
             + tc.function.arguments
 
 
-def completion_of(body: bytes) -> Completion:
-    """A stored chat.completion (JSON) as the dispatcher hands answers around."""
+def stored_completion(body: bytes, form: str) -> Completion | None:
+    """A stored answer as a chat.completion: as it is, or assembled from a stream's chunks
+    (RS-separated JSON texts). None when a stored stream does not assemble (incomplete)."""
+    if form == "chunks":
+        assembled = assemble([chunk_decoder.decode(raw) for raw in body.split(RS) if raw])
+        if assembled is None:
+            return None
+        body = assembled
     return Completion(body, completion_decoder.decode(body))
 
 

@@ -24,7 +24,7 @@ from typing import Literal, NamedTuple, Protocol
 
 import msgspec
 
-from bulwark.cache import ResponseCache, cache_key
+from bulwark.cache import RS, Hit, ResponseCache, cache_key
 from bulwark.config import DEFAULT_POLICY, ModelPolicy
 from bulwark.degradation import Degradation, Level
 from bulwark.errors import (
@@ -39,15 +39,14 @@ from bulwark.errors import (
 )
 from bulwark.providers.base import Call, Completion, StreamEvent
 from bulwark.replay import (
-    assemble,
     canned,
-    completion_of,
     events_of,
     relabel_completion,
     relabel_event,
+    stored_completion,
 )
 from bulwark.retry import Backoff, retry_delay
-from bulwark.wire import ChatRequest, Chunk
+from bulwark.wire import ChatRequest
 from service.router import ProviderRuntime, Router
 
 log = logging.getLogger("bulwark.dispatch")
@@ -185,9 +184,9 @@ class Dispatcher:
         """Severe and above, or `cache = "first"`: a fresh stored answer first; then, at
         severe and above, a client that accepts a job gets one without waiting."""
         if p.first and p.cache is not None and p.key is not None:
-            hit = await p.cache.lookup(p.key, p.policy.cache_ttl_sec)
-            if hit is not None:
-                return Answer(completion_of(hit.body), CACHE_PROVIDER, 0, "cache", hit.age)
+            answer = _from_cache(await p.cache.lookup(p.key, p.policy.cache_ttl_sec), 0)
+            if answer is not None:
+                return answer
         if p.level >= Level.SEVERE and req.may_queue:
             raise QueueInstead
         return None
@@ -199,10 +198,10 @@ class Dispatcher:
             raise err  # the caller's own request: no stored answer is an answer to it
         if p.cache is not None and p.key is not None and not p.first:
             # A Postgres read on the failure path, bounded by the cache's lookup timeout.
-            hit = await p.cache.lookup(p.key, p.policy.cache_ttl_sec)
-            if hit is not None:
-                return Answer(completion_of(hit.body), CACHE_PROVIDER, attempts, "cache",
-                              hit.age)
+            answer = _from_cache(await p.cache.lookup(p.key, p.policy.cache_ttl_sec),
+                                 attempts)
+            if answer is not None:
+                return answer
         if req.accept_canned and p.policy.canned_reply:
             return Answer(canned(p.policy.canned_reply, req.chat.model), CANNED_PROVIDER,
                           attempts, "canned")
@@ -326,7 +325,7 @@ class Dispatcher:
             attempts, model = plan.count, plan.model
             relabelled = model != req.chat.model
             # Chunks kept to store the whole answer once it is complete (never a part).
-            kept: list[Chunk] | None = [] if p.store else None
+            kept: list[bytes] | None = [] if p.store else None
             t = rt.provider.timeouts
             now = self._clock()
             loop = asyncio.get_running_loop()
@@ -355,26 +354,27 @@ class Dispatcher:
                     if relabelled:
                         buffered = [relabel_event(ev, model) for ev in buffered]
                     if kept is not None:
-                        kept += (ev.chunk for ev in buffered)
+                        kept += (ev.raw for ev in buffered)
                     for ev in buffered:
                         await sink.event(ev)
                     if relabelled:
                         async for ev in events:
                             out = relabel_event(ev, model)
                             if kept is not None:
-                                kept.append(out.chunk)
+                                kept.append(out.raw)
                             await sink.event(out)
                     elif kept is not None:
                         async for ev in events:
-                            kept.append(ev.chunk)
+                            kept.append(ev.raw)
                             await sink.event(ev)
                     else:
                         async for ev in events:
                             await sink.event(ev)
                 rt.breaker.record_success(ttft)
                 await sink.done()
-                if kept is not None:
-                    self._keep_stream(p, model, kept)
+                if kept is not None and p.key is not None and self.cache is not None:
+                    # As sent; assembled into one completion only if it is ever served.
+                    self.cache.remember(p.key, model, RS.join(kept), "chunks")
                 return
             except ClientGone:
                 rt.breaker.record_ignored()
@@ -416,17 +416,17 @@ class Dispatcher:
         final = self._no_provider(req, failures, plan.count)
         await self._replay(req, await self._no_live_answer(req, p, final, plan.count), sink)
 
-    def _keep_stream(self, p: _Plan, model: str, chunks: list[Chunk]) -> None:
-        """Store a stream that completed, as one chat.completion."""
-        if p.key is None or self.cache is None:
-            return
-        try:
-            body = assemble(chunks)
-        except (msgspec.MsgspecError, TypeError, ValueError):
-            log.exception("could not assemble a finished stream for the cache")
-            return
-        if body is not None:
-            self.cache.remember(p.key, model, body)
+def _from_cache(hit: Hit | None, attempts: int) -> Answer | None:
+    if hit is None:
+        return None
+    try:
+        completion = stored_completion(hit.body, hit.form)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        log.warning("a stored answer does not decode; ignoring it")
+        return None
+    if completion is None:
+        return None
+    return Answer(completion, CACHE_PROVIDER, attempts, "cache", hit.age)
 
 
 def _stream_error(err: UpstreamError) -> GatewayError:

@@ -9,8 +9,8 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from bulwark.cache import ResponseCache, cache_key, parse_cache_control, prune
-from bulwark.replay import assemble, canned, events_of
+from bulwark.cache import RS, ResponseCache, cache_key, parse_cache_control, prune
+from bulwark.replay import assemble, canned, events_of, stored_completion
 from bulwark.wire import ChatRequest, Chunk, any_decoder, chunk_decoder, completion_decoder
 
 BASE: dict[str, Any] = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
@@ -153,6 +153,9 @@ def test_a_finished_stream_is_kept_as_one_answer_and_played_back() -> None:
     assert {any_decoder.decode(e.raw)["object"] for e in events} == {"chat.completion.chunk"}
     assert events_of(completion_decoder.decode(body), include_usage=False)[-1].chunk.usage \
         is None
+    stored = stored_completion(RS.join(e.raw for e in events), "chunks")
+    assert stored is not None and any_decoder.decode(stored.body) == data
+    assert stored_completion(RS.join(e.raw for e in events[:2]), "chunks") is None
 
 
 def test_canned_reply_is_marked() -> None:
