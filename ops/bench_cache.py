@@ -159,10 +159,15 @@ class Bench:
                 f'base_url = "{base}"\n[providers.models]\ndefault = "sim-1"\n\n'
                 f'[models.default]\ncache = "{target}"\ncache_ttl_sec = 3600\n')
             port = self.ports[target] = free_port()
-            gw = self._spawn(target, [py, "-m", "service"], dict(
-                env, HOST="127.0.0.1", BULWARK_PROVIDERS=str(providers),
-                BULWARK_PORT=str(port), DATABASE_URL=dsn, HEALTHD_INTERVAL_SEC="1"),
-                self.server_cpus)
+            gw_env = dict(env, HOST="127.0.0.1", BULWARK_PROVIDERS=str(providers),
+                          BULWARK_PORT=str(port), DATABASE_URL=dsn, HEALTHD_INTERVAL_SEC="1")
+            module = "service"
+            if self.args.profile:
+                # ops/bench_profile.py's sampler: where each target's CPU goes, by function.
+                module = "ops.bench_profile"
+                self.args.profile.mkdir(parents=True, exist_ok=True)
+                gw_env["BENCH_PROFILE_OUT"] = str(self.args.profile / target)
+            gw = self._spawn(target, [py, "-m", module], gw_env, self.server_cpus)
             wait_ready(gw, port, "/health/live")
             self.pids[target] = gw.pid
         for target in TARGETS:
@@ -320,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="run the gateways under ops/bench_profile.py; DIR/<target>.txt")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.repeat = 1, 0, 1
