@@ -50,6 +50,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Grace period for in-flight requests on SIGTERM; honcho SIGKILLs 5 s after SIGTERM.
     drain_sec: PositiveFloat = 4.0
     sim_url: str = SIM_DEFAULT_URL
+    #: Response cache (bulwark/cache.py). An answer larger than this is not stored: a chat
+    #: answer is a few KiB; 256 KiB is a very long one, and bounds a row and an LRU slot.
+    cache_max_entry_bytes: Annotated[int, Meta(ge=1024)] = 256 * 1024
+    #: Answers kept in each process's LRU, in bytes of JSON (the rest come from Postgres).
+    cache_memory_bytes: Annotated[int, Meta(ge=0)] = 32 * 1024 * 1024
+    #: How long a Postgres lookup of a stored answer may take before it counts as a miss.
+    cache_lookup_timeout_ms: PositiveFloat = 250.0
+    #: Total size of the stored answers in Postgres; healthd's retention prunes the oldest.
+    cache_store_max_bytes: Annotated[int, Meta(ge=0)] = 1 << 30
 
 
 _ENV_MAP = {
@@ -70,6 +79,10 @@ _ENV_MAP = {
     "BULWARK_MAX_BODY_BYTES": "max_body_bytes",
     "BULWARK_DRAIN_SEC": "drain_sec",
     "BULWARK_SIM_URL": "sim_url",
+    "BULWARK_CACHE_MAX_ENTRY_BYTES": "cache_max_entry_bytes",
+    "BULWARK_CACHE_MEMORY_BYTES": "cache_memory_bytes",
+    "BULWARK_CACHE_LOOKUP_TIMEOUT_MS": "cache_lookup_timeout_ms",
+    "BULWARK_CACHE_STORE_MAX_BYTES": "cache_store_max_bytes",
 }
 
 

@@ -21,9 +21,17 @@ import msgspec
 
 from bulwark.breaker import BreakerConfig
 from bulwark.bus import retention_days
-from bulwark.config import ConfigError, Provider, Settings, load_providers, settings_from_env
+from bulwark.config import (
+    ConfigError,
+    Provider,
+    Settings,
+    load_models,
+    load_providers,
+    settings_from_env,
+)
 from bulwark.logs import provider_secrets, setup_logging
 from healthd.app import Healthd, HealthdConfig, default_holder
+from healthd.degradation import degrade_main
 
 log = logging.getLogger("healthd")
 
@@ -34,7 +42,8 @@ STOP_BUDGET_SEC: Final = 1.5
 RESTART_DELAY_SEC: Final = 1.0
 
 
-def build_config(settings: Settings, env: Mapping[str, str]) -> HealthdConfig:
+def build_config(settings: Settings, env: Mapping[str, str],
+                 cache_keep_sec: float = 86_400.0) -> HealthdConfig:
     if not settings.database_url:
         raise ConfigError(
             "DATABASE_URL is not set: healthd shares its state with the web processes through "
@@ -55,6 +64,8 @@ def build_config(settings: Settings, env: Mapping[str, str]) -> HealthdConfig:
         breaker=breaker,
         retention_days=keep_days,
         retry_after_cap=settings.retry_after_cap_sec,
+        cache_keep_sec=cache_keep_sec,
+        cache_max_bytes=settings.cache_store_max_bytes,
     )
 
 
@@ -92,15 +103,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from healthd.report import main as report
 
         return report(args[1:])
+    if args[:1] == ["degrade"]:
+        return degrade_main(args[1:])
     try:
         settings = settings_from_env()
         providers = load_providers(settings)
+        # Stored answers older than every model's cache_ttl_sec can never be served.
+        models = load_models(settings, providers)
+        cache_keep = max((m.cache_ttl_sec for m in models.values()), default=86_400.0)
     except ConfigError as err:
         print(f"healthd: {err}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format, secrets=provider_secrets(providers))
     try:
-        config = build_config(settings, os.environ)
+        config = build_config(settings, os.environ, cache_keep)
     except ConfigError as err:
         log.error("%s", err)  # noqa: TRY400 - a configuration error, not a crash: no traceback
         return 2

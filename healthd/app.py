@@ -28,10 +28,12 @@ from aiohttp.resolver import AsyncResolver
 
 from bulwark.breaker import BreakerConfig, Transition
 from bulwark.bus import CONNECTION_ERRORS, Bus, HealthSample, prune
+from bulwark.cache import prune as prune_cache
 from bulwark.config import Provider
 from bulwark.providers.base import Adapter, ProbeResult
 from bulwark.providers.registry import make_adapter
 from bulwark.state import Health, StateRow, View
+from healthd.degradation import publish_auto
 from healthd.leader import DB_ERRORS, LeaderLock
 from healthd.probe import ProbeLoop
 from healthd.recovery import SOURCE, Recovery
@@ -59,6 +61,10 @@ class HealthdConfig(msgspec.Struct, frozen=True, kw_only=True):
     scoring: ScoringConfig = msgspec.field(default_factory=ScoringConfig)
     retention_days: float = 7.0
     retry_after_cap: float = 10.0
+    #: Stored answers (response_cache) older than this are pruned: the largest cache_ttl_sec.
+    cache_keep_sec: float = 86_400.0
+    #: … and the oldest beyond this many bytes in total.
+    cache_max_bytes: int = 1 << 30
 
     @property
     def fence_sec(self) -> float:
@@ -247,6 +253,9 @@ class Leadership:
                 conn = await asyncpg.connect(self.config.dsn, timeout=10)
                 try:
                     deleted = await prune(conn, keep_days=self.config.retention_days)
+                    deleted["response_cache"] = await prune_cache(
+                        conn, max_age_sec=self.config.cache_keep_sec,
+                        max_bytes=self.config.cache_max_bytes)
                 finally:
                     await conn.close(timeout=2)
                 log.info("retention: pruned rows older than %s days", self.config.retention_days,
@@ -338,6 +347,7 @@ class Healthd:
         jobs: list[Coroutine[Any, Any, None]] = [
             term.publish_forever(), term.recovery_timer(),
             term.flush_samples(), term.upsert_providers(), term.retention(),
+            publish_auto(bus, self.view, self.providers, cfg.interval),
             *(loop.run() for loop in loops.values()),
         ]
         watch = asyncio.create_task(self._watch(lock), name="healthd-watch")

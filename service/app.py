@@ -12,7 +12,9 @@ from aiohttp.resolver import AsyncResolver
 
 from bulwark.breaker import Breaker, BreakerConfig
 from bulwark.bus import Bus
+from bulwark.cache import ResponseCache
 from bulwark.config import DEFAULT_POLICY, ModelPolicy, Provider, Settings
+from bulwark.degradation import Degradation
 from bulwark.errors import ServiceUnavailable
 from bulwark.providers.registry import make_adapter
 from bulwark.retry import Backoff
@@ -22,7 +24,7 @@ from service.dispatch import Dispatcher
 from service.edge import edge
 from service.observers import Observers, RecentFailures
 from service.router import ProviderRuntime, Router
-from service.routes import chat, embeddings, health, health_detailed, status
+from service.routes import chat, degradation, embeddings, health, health_detailed, status
 from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync, run_sync
 
@@ -43,9 +45,16 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app[keys.MODELS] = {m: (models or {}).get(m, DEFAULT_POLICY) for m in served}
     app[keys.VIEW] = View()
     app[keys.STREAMS] = OpenStreams()
+    app[keys.CACHE] = ResponseCache(
+        settings.database_url, max_entry_bytes=settings.cache_max_entry_bytes,
+        memory_bytes=settings.cache_memory_bytes,
+        lookup_timeout=settings.cache_lookup_timeout_ms / 1000.0)
+    app[keys.DEGRADATION] = Degradation(app[keys.VIEW])
     app.add_routes(chat.routes)
     app.add_routes(embeddings.routes)
     app.add_routes(health.routes)
+    app.add_routes(degradation.routes)
+    app.on_response_prepare.append(degradation.stamp)
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # One pool for all providers. 1000 sockets bound memory per process; 500 per host
@@ -80,7 +89,8 @@ def create_app(settings: Settings, providers: list[Provider], *,
         app[keys.DISPATCHER] = Dispatcher(
             router, max_attempts=settings.max_attempts,
             backoff=Backoff(base_sec=settings.http_backoff_base_ms / 1000.0),
-            observer=Observers([recent, recorder if settings.database_url else None]))
+            observer=Observers([recent, recorder if settings.database_url else None]),
+            models=app[keys.MODELS], cache=app[keys.CACHE], degradation=app[keys.DEGRADATION])
         yield
 
     async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -102,6 +112,21 @@ def create_app(settings: Settings, providers: list[Provider], *,
             await recorder.flush(bus)
             await bus.close()
 
+    async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
+        """The cache's writer (batched inserts) and its own small pool; without a database
+        the cache is this process's LRU only."""
+        cache = app[keys.CACHE]
+        if not settings.database_url:
+            yield
+            return
+        writer = asyncio.create_task(cache.run(), name="cache-writer")
+        try:
+            yield
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            await cache.close()
+
     async def end_streams_before_the_kill(app: web.Application) -> None:
         """SIGTERM: aiohttp now waits up to drain_sec for in-flight requests, then aborts
         them. A stream still running shortly before that is ended with an error event, so
@@ -121,6 +146,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(router_ctx)
     app.cleanup_ctx.append(bus_ctx)
+    app.cleanup_ctx.append(cache_ctx)
     status.setup(app)
     app.add_routes(health_detailed.routes)
     return app

@@ -146,8 +146,12 @@ class Tracker:
             self._parts = ["".join(self._parts)]
         return self._parts[0] if self._parts else ""
 
-    async def start(self, provider: str, attempts: int, fallback: Fallback) -> None:
-        await self.sink.start(provider, attempts, fallback)
+    async def start(self, provider: str, attempts: int, fallback: Fallback, *,
+                    cache_age: float | None = None) -> None:
+        if cache_age is None:
+            await self.sink.start(provider, attempts, fallback)
+        else:
+            await self.sink.start(provider, attempts, fallback, cache_age=cache_age)
 
     async def event(self, ev: StreamEvent) -> None:
         chunk = ev.chunk
@@ -277,7 +281,7 @@ async def continue_stream(d: Dispatcher, req: Request, sent: Tracker, plan: _Att
     last: UpstreamError | None = None  # None: move on to the next provider
     while (rt := await plan.next(last)) is not None:
         partial = sent.text()
-        progressed = await _attempt(d, req, sent, rt, partial)
+        progressed = await _attempt(d, req, sent, rt, partial, model=plan.model)
         if progressed is None:
             return
         last, added = progressed
@@ -287,14 +291,14 @@ async def continue_stream(d: Dispatcher, req: Request, sent: Tracker, plan: _Att
 
 
 async def _attempt(d: Dispatcher, req: Request, sent: Tracker, rt: ProviderRuntime,
-                   partial: str) -> tuple[UpstreamError, bool] | None:
+                   partial: str, *, model: str) -> tuple[UpstreamError, bool] | None:
     """One continuing attempt. None when the stream has ended (finished, failed for good,
     or the client left); else the failure and whether this provider added text."""
     from service.dispatch import ClientGone, _stream_error
 
     mode = rt.provider.continuation
     call = Call(request=continuation_request(req.chat, partial, mode),
-                upstream_model=rt.provider.models[req.chat.model], request_id=req.request_id,
+                upstream_model=rt.provider.models[model], request_id=req.request_id,
                 passthrough=req.passthrough, prefill=mode == "prefill")
     rewriter = _Rewriter(sent, Seam(partial), rt.name, len(partial))
     t = rt.provider.timeouts

@@ -4,6 +4,14 @@ For a stream, nothing is sent to the client until a provider has produced its fi
 chunk: a provider failing before that is replaced invisibly. After the first byte, a failure
 is a final `data: {"error": …}` event — never a clean end without finish_reason and [DONE],
 and never a silent switch to another provider (that would mix two answers in one).
+
+When nothing can answer now, the plan goes on, in order (CONTRACT.md "When nothing can
+answer now"): another provider (`failover`), the models of `fallback_models` within the same
+attempt cap and deadline (`model`), a stored answer no older than `cache_ttl_sec` (`cache`),
+the canned reply for a client that accepts one (`canned`), `QueueInstead` for a client that
+accepts a job, else the error. The fleet's degradation level bends the plan
+(docs/DEGRADATION.md): `moderate` drops same-provider retries and halves the attempt cap,
+`severe` serves stored answers first and queues at once, `critical` calls no provider.
 """
 
 from __future__ import annotations
@@ -11,9 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal, NamedTuple, Protocol, TypeVar
 
+import msgspec
+
+from bulwark.cache import RS, Hit, ResponseCache, cache_key
+from bulwark.config import DEFAULT_POLICY, ModelPolicy
+from bulwark.degradation import Degradation, Level
 from bulwark.embeddings import EmbedCall, EmbeddingRequest, EmbeddingResult, Inputs, check_result
 from bulwark.errors import (
     C,
@@ -26,6 +39,13 @@ from bulwark.errors import (
     final_error,
 )
 from bulwark.providers.base import Call, Completion, StreamEvent
+from bulwark.replay import (
+    canned,
+    events_of,
+    relabel_completion,
+    relabel_event,
+    stored_completion,
+)
 from bulwark.retry import Backoff, retry_delay
 from bulwark.wire import ChatRequest
 from service.continuation import Tracker, continue_stream
@@ -37,17 +57,34 @@ log = logging.getLogger("bulwark.dispatch")
 Fallback = Literal["none", "failover", "model", "cache", "canned", "queued"]
 
 
+#: `x-bulwark-provider` of an answer that no provider gave now.
+CACHE_PROVIDER = "cache"
+CANNED_PROVIDER = "canned"
+#: Retry-After of the 503 at `critical`: the level is an operator's (or healthd's) word,
+#: not a provider's cooldown; a client asking again this soon learns the next level.
+CRITICAL_RETRY_AFTER_SEC = 10.0
+
+
 class Answer(NamedTuple):
     completion: Completion
     provider: str
     attempts: int
     fallback: Fallback
+    #: Seconds since a stored answer was answered (`x-bulwark-cache-age`); None otherwise.
+    cache_age: float | None = None
 
 
 class Sink(Protocol):
-    """Where a stream goes: SSE response, WebSocket, …"""
+    """Where a stream goes: SSE response, WebSocket, …
 
-    async def start(self, provider: str, attempts: int, fallback: Fallback) -> None: ...
+    `start` once, before the first event; then `event` per chunk; then exactly one of
+    `done` (the answer is complete: the sink ends it, e.g. `data: [DONE]`) or `fail` (a
+    final error event). `cache_age` is passed, as a keyword, only when the answer is a
+    stored one (`fallback == "cache"`): seconds since it was answered.
+    """
+
+    async def start(self, provider: str, attempts: int, fallback: Fallback, *,
+                    cache_age: float | None = None) -> None: ...
     async def event(self, ev: StreamEvent) -> None: ...
     async def done(self) -> None: ...
     async def fail(self, err: GatewayError) -> None: ...
@@ -76,6 +113,14 @@ class Request(NamedTuple):
     passthrough: Mapping[str, str]
     #: The client sent `Prefer: respond-async`: "nobody can answer now" becomes a job.
     may_queue: bool = False
+    #: `Cache-Control: no-store`: this answer is not stored.
+    no_store: bool = False
+    #: `Cache-Control: no-cache`: no stored answer is served.
+    no_cache: bool = False
+    #: `x-bulwark-accept-canned: true`: the model's canned reply is an acceptable answer.
+    accept_canned: bool = False
+    #: Whose cache this is (a client key id once per-key caching lands; "" = shared).
+    cache_scope: str = ""
     #: A stream whose provider fails mid-answer is continued by the next one
     #: (`continue_streams`, `x-bulwark-continue`; service/continuation.py).
     continue_stream: bool = False
@@ -110,6 +155,19 @@ class EmbedAnswer(NamedTuple):
 T = TypeVar("T")
 
 
+class _Plan(NamedTuple):
+    """What the request's model policy and the fleet's level make of one request."""
+
+    policy: ModelPolicy
+    level: Level
+    cache: ResponseCache | None  # None: no stored answer is served for this request
+    key: str | None
+    store: bool  # a whole, successful answer is stored under `key`
+    first: bool  # look for a stored answer before any provider
+    cap: int  # attempts across retries, failover and fallback models
+    retries: bool  # same-provider retries allowed
+
+
 def _rejected(err: UpstreamError, should_retry: bool | None) -> GatewayError:
     """The caller's own error, as the provider reported it (redacted), for the client."""
     policy = err.policy
@@ -124,13 +182,72 @@ class Dispatcher:
     def __init__(self, router: Router, *, max_attempts: int, backoff: Backoff,
                  observer: Observer | None = None,
                  sleep: Callable[[float], Awaitable[None]] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 models: Mapping[str, ModelPolicy] | None = None,
+                 cache: ResponseCache | None = None,
+                 degradation: Degradation | None = None) -> None:
         self.router = router
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.observer = observer
         self._sleep = sleep or asyncio.sleep
         self._clock = clock
+        self.models = models or {}
+        self.cache = cache
+        self.degradation = degradation
+
+    def _plan(self, req: Request) -> _Plan:
+        policy = self.models.get(req.chat.model, DEFAULT_POLICY)
+        level = self.degradation.level if self.degradation is not None else Level.NORMAL
+        cache = self.cache if policy.cache != "off" else None
+        store = cache is not None and not req.no_store
+        key = None
+        if cache is not None and (store or not req.no_cache):
+            key = cache_key(req.chat, req.cache_scope)
+        if cache is not None and req.no_cache:
+            cache = None  # may store, never serve
+        first = cache is not None and (policy.cache == "first" or level >= Level.SEVERE)
+        cap, retries = self.max_attempts, True
+        if level >= Level.MODERATE:
+            # A struggling fleet: no second try on the same provider, and half the attempts,
+            # so the fallback chain and the stored answers are reached sooner.
+            cap, retries = max(1, (self.max_attempts + 1) // 2), False
+        return _Plan(policy, level, cache, key, store, first, cap, retries)
+
+    async def _before_live(self, req: Request, p: _Plan) -> Answer | None:
+        """Severe and above, or `cache = "first"`: a fresh stored answer first; then, at
+        severe and above, a client that accepts a job gets one without waiting."""
+        if p.first and p.cache is not None and p.key is not None:
+            answer = _from_cache(await p.cache.lookup(p.key, p.policy.cache_ttl_sec), 0)
+            if answer is not None:
+                return answer
+        if p.level >= Level.SEVERE and req.may_queue:
+            raise QueueInstead
+        return None
+
+    async def _no_live_answer(self, req: Request, p: _Plan, err: GatewayError,
+                              attempts: int) -> Answer:
+        """Nothing live answered: a stored answer, the canned reply, a job, else `err`."""
+        if isinstance(err, UpstreamRejected):
+            raise err  # the caller's own request: no stored answer is an answer to it
+        if p.cache is not None and p.key is not None and not p.first:
+            # A Postgres read on the failure path, bounded by the cache's lookup timeout.
+            answer = _from_cache(await p.cache.lookup(p.key, p.policy.cache_ttl_sec),
+                                 attempts)
+            if answer is not None:
+                return answer
+        if req.accept_canned and p.policy.canned_reply:
+            return Answer(canned(p.policy.canned_reply, req.chat.model), CANNED_PROVIDER,
+                          attempts, "canned")
+        if req.may_queue:
+            raise QueueInstead
+        raise err
+
+    def _critical(self) -> GatewayError:
+        return ServiceUnavailable(
+            "The service is in critical degradation: no provider is called now, and no "
+            "stored answer fits this request; retry after the delay given.",
+            code="service_degraded", retry_after=CRITICAL_RETRY_AFTER_SEC)
 
     def _no_provider(self, req: Request | EmbedRequest, failures: list[UpstreamError],
                      attempts: int) -> GatewayError:
@@ -165,17 +282,34 @@ class Dispatcher:
         if self.observer is not None:
             self.observer.attempt_failed(rt.name, err, req.request_id, req.model)
 
-    def _call(self, rt: ProviderRuntime, req: Request) -> Call:
-        return Call(request=req.chat, upstream_model=rt.provider.models[req.chat.model],
+    def _call(self, rt: ProviderRuntime, req: Request, model: str) -> Call:
+        return Call(request=req.chat, upstream_model=rt.provider.models[model],
                     request_id=req.request_id, passthrough=req.passthrough)
 
     async def complete(self, req: Request) -> Answer:
-        completion, provider, attempts, fallback = await self._whole(
-            req, lambda rt: rt.adapter.complete(self._call(rt, req)))
+        p = self._plan(req)
+        if p.first or p.level >= Level.SEVERE:
+            early = await self._before_live(req, p)
+            if early is not None:
+                return early
+        if p.level >= Level.CRITICAL:
+            return await self._no_live_answer(req, p, self._critical(), 0)
+        plan = _Attempts(self, req, p.cap, p.retries, p.policy.fallback_models)
+        try:
+            completion, provider, attempts, fallback = await self._whole(
+                req, plan, lambda rt: rt.adapter.complete(self._call(rt, req, plan.model)))
+        except _NoLiveAnswer as none:
+            return await self._no_live_answer(req, p, none.err, plan.count)
+        if plan.model != req.chat.model:
+            completion = relabel_completion(completion, plan.model)
+            fallback = "model"
+        if p.store and p.key is not None and self.cache is not None:
+            self.cache.remember(p.key, plan.model, completion.body)
         return Answer(completion, provider, attempts, fallback)
 
     async def embed(self, req: EmbedRequest) -> EmbedAnswer:
-        """Embeddings, with the retries, breakers, failover and attempt cap of chat."""
+        """Embeddings, with the retries, breakers, failover and attempt cap of chat (no
+        cache, canned reply or fallback model: a vector of another model is no answer)."""
 
         async def once(rt: ProviderRuntime) -> EmbeddingResult:
             e = req.embed
@@ -188,14 +322,18 @@ class Dispatcher:
             check_result(result, req.inputs, req.dimensions)
             return result
 
-        return EmbedAnswer(*await self._whole(req, once))
+        plan = _Attempts(self, req, self.max_attempts, True, ())
+        try:
+            return EmbedAnswer(*await self._whole(req, plan, once))
+        except _NoLiveAnswer as none:
+            raise none.err from None
 
-    async def _whole(self, req: Request | EmbedRequest,
+    async def _whole(self, req: Request | EmbedRequest, plan: _Attempts,
                      call: Callable[[ProviderRuntime], Awaitable[T]],
                      ) -> tuple[T, str, int, Fallback]:
-        """The attempt loop for a whole answer: `call` makes one upstream attempt."""
+        """The attempt loop for a whole answer: `call` makes one upstream attempt. Raises
+        the caller's own error at once, or _NoLiveAnswer when every attempt failed."""
         failures: list[UpstreamError] = []
-        plan = _Attempts(self, req)
         while (rt := await plan.next(failures[-1] if failures else None)) is not None:
             attempts = plan.count
             timeout = min(rt.provider.timeouts.total, req.deadline - self._clock())
@@ -219,16 +357,44 @@ class Dispatcher:
             self._failed(rt, last, req)
             if not last.policy.failover:
                 raise _rejected(last, False if attempts > 1 else None)
-        raise self._no_provider(req, failures, plan.count)
+        raise _NoLiveAnswer(self._no_provider(req, failures, plan.count))
+
+    async def _replay(self, req: Request, answer: Answer, sink: Sink) -> None:
+        """A stored or canned answer as a proper stream: chunks, finish_reason, [DONE]."""
+        events = events_of(answer.completion.parsed, include_usage=req.chat.include_usage)
+        try:
+            if answer.cache_age is None:
+                await sink.start(answer.provider, answer.attempts, answer.fallback)
+            else:
+                await sink.start(answer.provider, answer.attempts, answer.fallback,
+                                 cache_age=answer.cache_age)
+            for ev in events:
+                await sink.event(ev)
+            await sink.done()
+        except ClientGone:
+            return
 
     async def stream(self, req: Request, sink: Sink) -> None:
         """Stream one answer into `sink`; raises GatewayError only before anything was sent."""
+        p = self._plan(req)
+        if p.first or p.level >= Level.SEVERE:
+            early = await self._before_live(req, p)
+            if early is not None:
+                await self._replay(req, early, sink)
+                return
+        if p.level >= Level.CRITICAL:
+            await self._replay(req, await self._no_live_answer(req, p, self._critical(), 0),
+                               sink)
+            return
         failures: list[UpstreamError] = []
-        plan = _Attempts(self, req)
+        plan = _Attempts(self, req, p.cap, p.retries, p.policy.fallback_models)
         tracked = Tracker(sink) if req.continue_stream else None
         sink = tracked or sink
         while (rt := await plan.next(failures[-1] if failures else None)) is not None:
-            attempts = plan.count
+            attempts, model = plan.count, plan.model
+            relabelled = model != req.chat.model
+            # Chunks kept to store the whole answer once it is complete (never a part).
+            kept: list[bytes] | None = [] if p.store else None
             t = rt.provider.timeouts
             now = self._clock()
             loop = asyncio.get_running_loop()
@@ -236,7 +402,7 @@ class Dispatcher:
             # chunk, then the total deadline. Idle gaps are aiohttp's sock_read timeout.
             total_at = loop.time() + min(t.total, req.deadline - now)
             first_at = min(loop.time() + t.first_token, total_at)
-            events = rt.adapter.stream(self._call(rt, req))
+            events = rt.adapter.stream(self._call(rt, req, model))
             sent = False
             try:
                 async with asyncio.timeout_at(first_at) as timer:
@@ -250,14 +416,34 @@ class Dispatcher:
                     # slow-call rule judges the time to the first token.
                     ttft = self._clock() - now
                     fallback: Fallback = "failover" if failures else "none"
+                    if relabelled:
+                        fallback = "model"
                     sent = True
                     await sink.start(rt.name, attempts, fallback)
+                    if relabelled:
+                        buffered = [relabel_event(ev, model) for ev in buffered]
+                    if kept is not None:
+                        kept += (ev.raw for ev in buffered)
                     for ev in buffered:
                         await sink.event(ev)
-                    async for ev in events:
-                        await sink.event(ev)
+                    if relabelled:
+                        async for ev in events:
+                            out = relabel_event(ev, model)
+                            if kept is not None:
+                                kept.append(out.raw)
+                            await sink.event(out)
+                    elif kept is not None:
+                        async for ev in events:
+                            kept.append(ev.raw)
+                            await sink.event(ev)
+                    else:
+                        async for ev in events:
+                            await sink.event(ev)
                 rt.breaker.record_success(ttft)
                 await sink.done()
+                if kept is not None and p.key is not None and self.cache is not None:
+                    # As sent; assembled into one completion only if it is ever served.
+                    self.cache.remember(p.key, model, RS.join(kept), "chunks")
                 return
             except ClientGone:
                 rt.breaker.record_ignored()
@@ -300,7 +486,28 @@ class Dispatcher:
                 return
             finally:
                 await events.aclose()
-        raise self._no_provider(req, failures, plan.count)
+        final = self._no_provider(req, failures, plan.count)
+        await self._replay(req, await self._no_live_answer(req, p, final, plan.count), sink)
+
+class _NoLiveAnswer(Exception):
+    """Every attempt failed or none could be made; `err` is what the client gets unless a
+    later step of the plan (cache, canned reply, job) answers."""
+
+    def __init__(self, err: GatewayError) -> None:
+        self.err = err
+
+
+def _from_cache(hit: Hit | None, attempts: int) -> Answer | None:
+    if hit is None:
+        return None
+    try:
+        completion = stored_completion(hit.body, hit.form)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        log.warning("a stored answer does not decode; ignoring it")
+        return None
+    if completion is None:
+        return None
+    return Answer(completion, CACHE_PROVIDER, attempts, "cache", hit.age)
 
 
 def _stream_error(err: UpstreamError) -> GatewayError:
@@ -319,23 +526,30 @@ def _stream_error(err: UpstreamError) -> GatewayError:
 
 class _Attempts:
     """Hands out attempts in order: retries of one provider (with backoff, when the last
-    failure's class allows it), then the next provider; none past the attempt cap or the
-    deadline, and none to a provider whose breaker refuses."""
+    failure's class allows it and the level does), then the next provider, then the next
+    model of `fallback_models`; none past the attempt cap or the deadline (one budget for
+    the whole chain), and none to a provider whose breaker refuses."""
 
-    def __init__(self, d: Dispatcher, req: Request | EmbedRequest) -> None:
+    def __init__(self, d: Dispatcher, req: Request | EmbedRequest, cap: int, retries: bool,
+                 fallback_models: Sequence[str]) -> None:
         self._d = d
         self._req = req
-        self._order = iter(d.router.plan(req.model).order)
+        self._cap = cap
+        self._retries = retries
+        self._models = iter(fallback_models)
+        #: The model whose providers are being tried (the request's, then fallbacks).
+        self.model = req.model
+        self._order = iter(d.router.plan(self.model).order)
         self._current: ProviderRuntime | None = None
         self._tries = 0
         self.count = 0
 
     def _budget_left(self) -> bool:
-        return self.count < self._d.max_attempts and self._d._clock() < self._req.deadline
+        return self.count < self._cap and self._d._clock() < self._req.deadline
 
     async def next(self, last: UpstreamError | None) -> ProviderRuntime | None:
         d, rt = self._d, self._current
-        if rt is not None and last is not None:
+        if rt is not None and last is not None and self._retries:
             delay = retry_delay(last, attempt=self._tries - 1, retries=rt.provider.retries,
                                 backoff=d.backoff, time_left=self._req.deadline - d._clock())
             if delay is not None:
@@ -345,11 +559,17 @@ class _Attempts:
                     self._tries += 1
                     self.count += 1
                     return rt
-        for rt in self._order:
-            if not self._budget_left():
+        while True:
+            for rt in self._order:
+                if not self._budget_left():
+                    return None
+                if rt.breaker.allow():
+                    self._current, self._tries = rt, 1
+                    self.count += 1
+                    return rt
+            # Every provider of this model failed, is open or rate limited: the next model.
+            model = next(self._models, None)
+            if model is None or not self._budget_left():
                 return None
-            if rt.breaker.allow():
-                self._current, self._tries = rt, 1
-                self.count += 1
-                return rt
-        return None
+            self.model, self._current = model, None
+            self._order = iter(d.router.plan(model).order)

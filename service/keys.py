@@ -5,7 +5,9 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from bulwark.cache import ResponseCache
 from bulwark.config import ModelPolicy, Provider, Settings
+from bulwark.degradation import Degradation
 from bulwark.state import View
 from service.dispatch import Dispatcher
 from service.observers import RecentFailures
@@ -30,5 +32,9 @@ RECENT_FAILURES = web.AppKey("recent_failures", RecentFailures)
 STATUS = web.AppKey("status", StatusBoard)
 #: Open SSE streams, so that shutdown can end them with an error event, never silently.
 STREAMS = web.AppKey("streams", OpenStreams)
+#: Stored answers (LRU in front of Postgres), for when nothing live can answer.
+CACHE = web.AppKey("cache", ResponseCache)
+#: The fleet's degradation level as this process applies it.
+DEGRADATION = web.AppKey("degradation", Degradation)
 
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bulwark.config import Provider, ProviderConfig, Settings, resolve
+from bulwark.config import ModelPolicy, Provider, ProviderConfig, Settings, resolve
 from bulwark.sim import create_sim_app
 from service.app import create_app
 from tests.pg import db, pg_clean, pg_dsn  # noqa: F401  (fixtures)
@@ -88,10 +88,11 @@ async def gateway(aiohttp_server: Any) -> AsyncIterator[GatewayFactory]:
     clients: list[openai.AsyncOpenAI] = []
 
     async def start(providers: list[Provider], *, settings: Settings | None = None,
-                    env: dict[str, str] | None = None) -> Gateway:
+                    env: dict[str, str] | None = None,
+                    models: dict[str, ModelPolicy] | None = None) -> Gateway:
         # Tests retry without sleeping: backoff is tested on its own.
         s = settings or Settings(http_backoff_base_ms=0)
-        app = create_app(s, providers, env=env or {})
+        app = create_app(s, providers, env=env or {}, models=models)
         server = await aiohttp_server(app)
         return Gateway(server, app)
 

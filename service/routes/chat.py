@@ -11,6 +11,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from bulwark.cache import parse_cache_control
 from bulwark.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
 from bulwark.providers.base import StreamEvent
 from bulwark.wire import ChatRequest, ModelCard, ModelList, encoder, request_decoder
@@ -78,9 +79,14 @@ def _continue(request: web.Request, model: str) -> bool:
     return policy is not None and policy.continue_streams
 
 
-def _chat_headers(rid: str, provider: str, attempts: int, fallback: Fallback) -> dict[str, str]:
-    return {"x-request-id": rid, "x-bulwark-provider": provider,
-            "x-bulwark-attempts": str(attempts), "x-bulwark-fallback": fallback}
+def _chat_headers(rid: str, provider: str, attempts: int, fallback: Fallback,
+                  cache_age: float | None = None) -> dict[str, str]:
+    headers = {"x-request-id": rid, "x-bulwark-provider": provider,
+               "x-bulwark-attempts": str(attempts), "x-bulwark-fallback": fallback}
+    if cache_age is not None:
+        # Whole seconds, as HTTP's Age header counts them.
+        headers["x-bulwark-cache-age"] = str(int(cache_age))
+    return headers
 
 
 @routes.post("/v1/chat/completions")
@@ -99,16 +105,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"The model {chat.model!r} does not exist.", code="model_not_found",
                        param="model")
     rid = request[REQUEST_ID]
+    headers = request.headers
+    cc = parse_cache_control(headers.get("Cache-Control"))
     req = Request(chat=chat, request_id=rid,
                   deadline=_deadline(request, chat, settings.request_timeout_sec),
-                  passthrough=request.headers,
+                  passthrough=headers, no_store=cc.no_store, no_cache=cc.no_cache,
+                  accept_canned=headers.get("x-bulwark-accept-canned", "").lower() == "true",
                   continue_stream=chat.stream and _continue(request, chat.model))
     dispatcher = request.app[DISPATCHER]
     if not chat.stream:
         answer = await dispatcher.complete(req)
         return web.Response(body=answer.completion.body, content_type="application/json",
                             headers=_chat_headers(rid, answer.provider, answer.attempts,
-                                                  answer.fallback))
+                                                  answer.fallback, answer.cache_age))
     sink = SseSink(request, rid)
     await dispatcher.stream(req, sink)
     assert sink.response is not None  # stream() raises unless it started the response
@@ -126,8 +135,9 @@ class SseSink:
         self._task: asyncio.Task[object] | None = None
         self._pending: list[bytes] = []
 
-    async def start(self, provider: str, attempts: int, fallback: Fallback) -> None:
-        headers = _chat_headers(self._rid, provider, attempts, fallback)
+    async def start(self, provider: str, attempts: int, fallback: Fallback, *,
+                    cache_age: float | None = None) -> None:
+        headers = _chat_headers(self._rid, provider, attempts, fallback, cache_age)
         headers.update(_SSE_HEADERS)
         self.response = web.StreamResponse(status=200, headers=headers)
         try:
