@@ -50,6 +50,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Grace period for in-flight requests on SIGTERM; honcho SIGKILLs 5 s after SIGTERM.
     drain_sec: PositiveFloat = 4.0
     sim_url: str = SIM_DEFAULT_URL
+    #: WebSocket chat (`GET /v1/ws`, docs/WEBSOCKET.md). Largest frame accepted; None: the
+    #: body limit plus room for the frame's envelope (a chat frame carries a request body).
+    ws_max_frame_bytes: Annotated[int, Meta(ge=1024)] | None = None
+    #: Requests in flight on one socket: a socket is one user's conversation, not a fleet.
+    ws_max_in_flight: Annotated[int, Meta(ge=1)] = 16
+    #: Output waiting for a reader that does not read; past it the socket is closed (1008).
+    #: 1 MiB is thousands of deltas: only a reader that stopped reading gets there.
+    ws_max_queued_bytes: Annotated[int, Meta(ge=1024)] = 1 << 20
+    #: Ping period; a peer that does not pong within half of it is gone.
+    ws_heartbeat_sec: PositiveFloat = 20.0
+    #: How long answers of socket requests stay available to `resume`.
+    ws_retention_sec: PositiveFloat = 900.0
 
 
 _ENV_MAP = {
@@ -70,6 +82,11 @@ _ENV_MAP = {
     "BULWARK_MAX_BODY_BYTES": "max_body_bytes",
     "BULWARK_DRAIN_SEC": "drain_sec",
     "BULWARK_SIM_URL": "sim_url",
+    "BULWARK_WS_MAX_FRAME_BYTES": "ws_max_frame_bytes",
+    "BULWARK_WS_MAX_IN_FLIGHT": "ws_max_in_flight",
+    "BULWARK_WS_MAX_QUEUED_BYTES": "ws_max_queued_bytes",
+    "BULWARK_WS_HEARTBEAT_SEC": "ws_heartbeat_sec",
+    "BULWARK_WS_RETENTION_SEC": "ws_retention_sec",
 }
 
 

@@ -21,7 +21,7 @@ from service import keys
 from service.dispatch import Dispatcher
 from service.edge import edge
 from service.router import ProviderRuntime, Router
-from service.routes import chat, health
+from service.routes import chat, health, ws
 from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync, run_sync
 
@@ -44,6 +44,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app[keys.STREAMS] = OpenStreams()
     app.add_routes(chat.routes)
     app.add_routes(health.routes)
+    ws.install(app, settings)
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # One pool for all providers. 1000 sockets bound memory per process; 500 per host
@@ -86,6 +87,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
                 yield
             return
         bus = Bus(settings.database_url, app[keys.VIEW], name=sync.name)
+        app[keys.WS].store.listen(bus)  # its NOTIFY channel: before start()
         await bus.start()
         recorder = app[keys.ERRORS]
         flusher = asyncio.create_task(recorder.run(bus), name="service-errors")
@@ -117,4 +119,5 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(router_ctx)
     app.cleanup_ctx.append(bus_ctx)
+    app.cleanup_ctx.append(ws.ws_ctx)
     return app

@@ -11,6 +11,7 @@ from service.dispatch import Dispatcher
 from service.router import Router
 from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync
+from service.wshub import WsHub
 
 SETTINGS = web.AppKey("settings", Settings)
 PROVIDERS = web.AppKey("providers", list[Provider])
@@ -24,5 +25,7 @@ SYNC = web.AppKey("sync", StateSync)
 ERRORS = web.AppKey("errors", ErrorRecorder)
 #: Open SSE streams, so that shutdown can end them with an error event, never silently.
 STREAMS = web.AppKey("streams", OpenStreams)
+#: WebSocket chat: open sockets, their answers in flight, bus fan-out, the answer store.
+WS = web.AppKey("ws", WsHub)
 
 REQUEST_ID = web.RequestKey("request_id", str)
