@@ -56,6 +56,10 @@ PRUNE_SEC = 60.0
 MAX_PENDING = 20_000
 #: Finished answers kept in memory for a resume on this process.
 RECENT_MAX = 10_000
+#: An id not (yet) in the table is looked for once more after this: its running row may be
+#: in its process's next batch (an ack is sent before the row is written, never after a
+#: round trip), and a client that reconnects at once must not be told "unknown".
+UNKNOWN_GRACE_SEC = 0.5
 
 Key = tuple[str, str]
 
@@ -235,6 +239,7 @@ class AnswerStore:
         self._pending: dict[Key, _Write] = {}
         self._remote: dict[Key, list[Waiter]] = {}
         self._recheck: set[Key] = set()
+        self._graced: set[Key] = set()
         self._wake = asyncio.Event()
         self._stopping = False
         self.dropped = 0
@@ -338,8 +343,16 @@ class AnswerStore:
         if key not in self._remote:
             return  # delivered meanwhile (a NOTIFY's recheck got there first)
         if row is None:
-            self._settle(key, _unknown())
-        elif row["status"] == "done":
+            if key in self._graced:
+                self._graced.discard(key)
+                self._settle(key, _unknown())
+            else:
+                self._graced.add(key)
+                asyncio.get_running_loop().call_later(UNKNOWN_GRACE_SEC, self._recheck_later,
+                                                      key)
+            return
+        self._graced.discard(key)
+        if row["status"] == "done":
             self._settle(key, Finished(row["chunk"].encode(), row["provider"] or "",
                                        row["attempts"] or 0, row["fallback"] or "none",
                                        None if row["usage"] is None else row["usage"].encode(),

@@ -175,8 +175,9 @@ class Connection:
         drain = self._request.writer.drain
         try:
             while True:
-                await self._wake.wait()
-                self._wake.clear()
+                if not self._out and self._close is None:
+                    await self._wake.wait()
+                    self._wake.clear()
                 if self._out:
                     out = self._out
                     data = out[0] if len(out) == 1 else b"".join(out)
