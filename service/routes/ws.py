@@ -134,6 +134,10 @@ class WsSink:
 class Connection:
     """One socket: its frames in, its one writer out, its requests in flight."""
 
+    __slots__ = ("_cap", "_close", "_dead", "_out", "_queued", "_request", "_settings",
+                 "_side", "_transport", "_writer", "_ws", "draining", "hub", "in_flight",
+                 "scope", "session")
+
     def __init__(self, request: web.Request, ws: web.WebSocketResponse, session: str,
                  hub: WsHub) -> None:
         self._request = request
@@ -150,8 +154,9 @@ class Connection:
         self._queued = 0
         self._dead = False  # no more output: closing, closed, or too slow
         self._close: tuple[int, bytes] | None = None
-        self._wake = asyncio.Event()
-        self._writer = asyncio.create_task(self._write_loop(), name="ws-writer")
+        # The writer task exists only while there is output: an idle socket (most of them,
+        # most of the time) holds no task at all.
+        self._writer: asyncio.Task[None] | None = None
         self._side: set[asyncio.Task[None]] = set()
 
     # -- output -----------------------------------------------------------------------
@@ -168,46 +173,48 @@ class Connection:
         if self._queued > self._cap:
             self._too_slow()
             return
-        self._wake.set()
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop(), name="ws-writer")
 
     async def _write_loop(self) -> None:
         transport = self._transport
         drain = self._request.writer.drain
         try:
             while True:
-                if not self._out and self._close is None:
-                    await self._wake.wait()
-                    self._wake.clear()
                 if self._out:
                     out = self._out
                     data = out[0] if len(out) == 1 else b"".join(out)
                     out.clear()
                     self._queued = 0
                     if transport is None or transport.is_closing():
-                        break
+                        self._dead = True
+                        return
                     transport.write(data)
                     # Returns at once unless the kernel's buffer and the transport's
                     # high-water mark are full: then we wait, and the queue takes the rest.
                     await drain()
                     continue
                 if self._close is not None:
+                    self._dead = True
                     code, message = self._close
                     with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
                         async with asyncio.timeout(CLOSE_SEC):
                             await self._ws.close(code=code, message=message)
-                    break
+                return  # nothing left: the next put starts a new writer
         except ConnectionError:
-            pass
-        finally:
             self._dead = True
-            self._out.clear()
+        finally:
+            self._writer = None
+            if self._dead:
+                self._out.clear()
 
     def request_close(self, code: int, message: bytes) -> None:
         """Close after everything queued so far has been written; nothing more is queued."""
         if self._close is None:
             self._close = (code, message)
             self._dead = True
-            self._wake.set()
+            if self._writer is None:
+                self._writer = asyncio.create_task(self._write_loop(), name="ws-writer")
 
     def _too_slow(self) -> None:
         self._dead = True
@@ -216,7 +223,8 @@ class Connection:
         self.hub.slow_closed += 1
         log.warning("websocket closed: reader too slow",
                     extra={"queued_limit": self._cap})
-        self._writer.cancel()  # it may be waiting on a reader that never reads
+        if self._writer is not None:
+            self._writer.cancel()  # it may be waiting on a reader that never reads
         self._spawn(self._close_now(1008, b"reader too slow: output over the limit"))
 
     async def _close_now(self, code: int, message: bytes) -> None:
@@ -252,10 +260,11 @@ class Connection:
         finally:
             self.hub.forget(self)
             self._dead = True
-            self._wake.set()
-            if self._close is None:
-                self._writer.cancel()
-            await asyncio.gather(self._writer, *self._side, return_exceptions=True)
+            writer = self._writer
+            if writer is not None and self._close is None:
+                writer.cancel()
+            await asyncio.gather(*([writer] if writer else []), *self._side,
+                                 return_exceptions=True)
             # Requests keep running without the socket: their answers are stored for resume.
 
     def _on_text(self, data: str) -> None:
