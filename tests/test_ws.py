@@ -236,7 +236,8 @@ async def test_resume_on_the_same_process(
         sim: SimFactory, gateway: GatewayFactory, session: aiohttp.ClientSession) -> None:
     """A client that leaves mid-answer and comes back with its session gets the answer
     that finished meanwhile whole (one delta with the whole message, then done), the one
-    still running when it finishes, and an error for an id it never sent."""
+    still running when it finishes, and an error for an id it never sent; re-sending a
+    running id is refused rather than asked of the provider twice."""
     alpha, _, gw = await two(sim, gateway)
     await alpha.script(steps=[{"chunks": 10, "chunk_delay_ms": 20},
                               {"chunks": 40, "chunk_delay_ms": 25}])
@@ -249,6 +250,11 @@ async def test_resume_on_the_same_process(
     store = gw.app[WS].store
     await eventually(lambda: store.running() == 1)  # "fast" finished while we were away
     async with session.ws_connect(url) as ws:
+        # Sending "slow" again instead of resuming it would ask the provider twice: refused.
+        await ws.send_json(chat("slow"))
+        refused = json.loads((await ws.receive()).data)
+        assert (refused["type"], refused["id"], refused["error"]["code"]) == (
+            "error", "slow", "duplicate_id")
         await ws.send_json({"type": "resume", "ids": ["fast", "slow", "never"]})
         frames = await frames_until(ws, {"fast", "slow", "never"})
     for cid, n in (("fast", 10), ("slow", 40)):

@@ -293,6 +293,11 @@ class Connection:
             if cid in self.in_flight:
                 raise InvalidRequest(f"A request with id {cid!r} is already in flight on "
                                      "this socket.", code="duplicate_id", param="id")
+            if (self.scope, cid) in self.hub.running:
+                # Still running from an earlier socket of this session: a second request
+                # would ask the provider twice for one answer.
+                raise InvalidRequest(f"A request with id {cid!r} is still running in this "
+                                     "session; resume it.", code="duplicate_id", param="id")
             if len(self.in_flight) >= settings.ws_max_in_flight:
                 raise RateLimited(f"At most {settings.ws_max_in_flight} requests may be in "
                                   "flight on one socket.", code="too_many_in_flight",
@@ -316,11 +321,6 @@ class Connection:
                                        stream_options=StreamOptions(include_usage=True))
         hub = self.hub
         sink = WsSink(self, cid, hub.store, forward_usage)
-        previous = hub.running.get(sink.key)
-        if previous is not None:
-            # The same id of this session is still running from an earlier socket: that
-            # answer is superseded (cancelled) by the new request.
-            previous.cancel()
         req = Request(chat=chat, request_id=new_request_id(),
                       deadline=time.monotonic() + settings.request_timeout_sec,
                       passthrough=self._request.headers)
