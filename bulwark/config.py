@@ -59,6 +59,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cache_lookup_timeout_ms: PositiveFloat = 250.0
     #: Total size of the stored answers in Postgres; healthd's retention prunes the oldest.
     cache_store_max_bytes: Annotated[int, Meta(ge=0)] = 1 << 30
+    #: WebSocket chat (`GET /v1/ws`, docs/WEBSOCKET.md). Largest frame accepted; None: the
+    #: body limit plus room for the frame's envelope (a chat frame carries a request body).
+    ws_max_frame_bytes: Annotated[int, Meta(ge=1024)] | None = None
+    #: Requests in flight on one socket: a socket is one user's conversation, not a fleet.
+    ws_max_in_flight: Annotated[int, Meta(ge=1)] = 16
+    #: Output waiting for a reader that does not read; past it the socket is closed (1008).
+    #: 1 MiB is thousands of deltas: only a reader that stopped reading gets there.
+    ws_max_queued_bytes: Annotated[int, Meta(ge=1024)] = 1 << 20
+    #: Ping period; a peer that does not pong within half of it is gone.
+    ws_heartbeat_sec: PositiveFloat = 20.0
+    #: How long answers of socket requests stay available to `resume`.
+    ws_retention_sec: PositiveFloat = 900.0
 
 
 _ENV_MAP = {
@@ -83,6 +95,11 @@ _ENV_MAP = {
     "BULWARK_CACHE_MEMORY_BYTES": "cache_memory_bytes",
     "BULWARK_CACHE_LOOKUP_TIMEOUT_MS": "cache_lookup_timeout_ms",
     "BULWARK_CACHE_STORE_MAX_BYTES": "cache_store_max_bytes",
+    "BULWARK_WS_MAX_FRAME_BYTES": "ws_max_frame_bytes",
+    "BULWARK_WS_MAX_IN_FLIGHT": "ws_max_in_flight",
+    "BULWARK_WS_MAX_QUEUED_BYTES": "ws_max_queued_bytes",
+    "BULWARK_WS_HEARTBEAT_SEC": "ws_heartbeat_sec",
+    "BULWARK_WS_RETENTION_SEC": "ws_retention_sec",
 }
 
 

@@ -24,7 +24,7 @@ from service.dispatch import Dispatcher
 from service.edge import edge
 from service.observers import Observers, RecentFailures
 from service.router import ProviderRuntime, Router
-from service.routes import chat, degradation, embeddings, health, health_detailed, status
+from service.routes import chat, degradation, embeddings, health, health_detailed, status, ws
 from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync, run_sync
 
@@ -55,6 +55,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app.add_routes(health.routes)
     app.add_routes(degradation.routes)
     app.on_response_prepare.append(degradation.stamp)
+    ws.install(app, settings)
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # One pool for all providers. 1000 sockets bound memory per process; 500 per host
@@ -100,6 +101,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
                 yield
             return
         bus = Bus(settings.database_url, app[keys.VIEW], name=sync.name)
+        app[keys.WS].store.listen(bus)  # its NOTIFY channel: before start()
         await bus.start()
         recorder = app[keys.ERRORS]
         flusher = asyncio.create_task(recorder.run(bus), name="service-errors")
@@ -149,4 +151,5 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app.cleanup_ctx.append(cache_ctx)
     status.setup(app)
     app.add_routes(health_detailed.routes)
+    app.cleanup_ctx.append(ws.ws_ctx)
     return app

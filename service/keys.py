@@ -15,6 +15,7 @@ from service.router import Router
 from service.status_board import StatusBoard
 from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync
+from service.wshub import WsHub
 
 SETTINGS = web.AppKey("settings", Settings)
 PROVIDERS = web.AppKey("providers", list[Provider])
@@ -36,5 +37,7 @@ STREAMS = web.AppKey("streams", OpenStreams)
 CACHE = web.AppKey("cache", ResponseCache)
 #: The fleet's degradation level as this process applies it.
 DEGRADATION = web.AppKey("degradation", Degradation)
+#: WebSocket chat: open sockets, their answers in flight, bus fan-out, the answer store.
+WS = web.AppKey("ws", WsHub)
 
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -4,58 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 
 import aiohttp
-import msgspec
 from aiohttp import web
 
 from bulwark.cache import parse_cache_control
-from bulwark.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
+from bulwark.errors import GatewayError, NotFound, PayloadTooLarge
 from bulwark.providers.base import StreamEvent
-from bulwark.wire import ChatRequest, ModelCard, ModelList, encoder, request_decoder
+from bulwark.wire import ChatRequest, ModelCard, ModelList, encoder
+from service.chatreq import accepts_canned, wants_continuation
+from service.chatreq import check_limits as _check_limits
+from service.chatreq import decode_chat as _decode
 from service.dispatch import ClientGone, Fallback, Request
 from service.keys import DISPATCHER, MODELS, REQUEST_ID, ROUTER, SETTINGS, STREAMS
 
 routes = web.RouteTableDef()
 
-_PATH = re.compile(r"at `\$\.?([^`]*)`")
-_FIELD = re.compile(r"(?:missing required|unknown) field `([^`]*)`")
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
     # Tell nginx-style proxies in front of us not to buffer the stream.
     "X-Accel-Buffering": "no",
 }
-
-
-def _decode(body: bytes) -> ChatRequest:
-    try:
-        return request_decoder.decode(body)
-    except msgspec.ValidationError as err:
-        text = str(err)
-        m, f = _PATH.search(text), _FIELD.search(text)
-        where = m.group(1) if m else ""
-        field = f.group(1) if f else ""
-        param = ".".join(p for p in (where, field) if p) or None
-        raise InvalidRequest(f"Invalid request: {text}", code="invalid_request",
-                             param=param) from None
-    except msgspec.DecodeError:
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
-
-
-def _check_limits(chat: ChatRequest, *, max_messages: int, max_chars: int) -> None:
-    if len(chat.messages) > max_messages:
-        raise InvalidRequest(f"Too many messages: at most {max_messages}.",
-                             code="too_many_messages", param="messages")
-    for i, message in enumerate(chat.messages):
-        content = message.content
-        size = len(content) if isinstance(content, str) else sum(
-            len(str(part.get("text", ""))) for part in content or ())
-        if size > max_chars:
-            raise InvalidRequest(f"Message {i} is longer than {max_chars} characters.",
-                                 code="message_too_long", param=f"messages[{i}].content")
 
 
 def _deadline(request: web.Request, chat: ChatRequest, default: float) -> float:
@@ -68,15 +39,6 @@ def _deadline(request: web.Request, chat: ChatRequest, default: float) -> float:
             with contextlib.suppress(ValueError):
                 budget = min(budget, max(float(hint) * 0.95, 0.5))
     return time.monotonic() + budget
-
-
-def _continue(request: web.Request, model: str) -> bool:
-    """`x-bulwark-continue` when the client sent it, else the model's `continue_streams`."""
-    header = request.headers.get("x-bulwark-continue")
-    if header is not None:
-        return header.strip().lower() == "true"
-    policy = request.app[MODELS].get(model)
-    return policy is not None and policy.continue_streams
 
 
 def _chat_headers(rid: str, provider: str, attempts: int, fallback: Fallback,
@@ -110,8 +72,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = Request(chat=chat, request_id=rid,
                   deadline=_deadline(request, chat, settings.request_timeout_sec),
                   passthrough=headers, no_store=cc.no_store, no_cache=cc.no_cache,
-                  accept_canned=headers.get("x-bulwark-accept-canned", "").lower() == "true",
-                  continue_stream=chat.stream and _continue(request, chat.model))
+                  accept_canned=accepts_canned(request),
+                  continue_stream=chat.stream and wants_continuation(
+                      headers, request.app[MODELS].get(chat.model)))
     dispatcher = request.app[DISPATCHER]
     if not chat.stream:
         answer = await dispatcher.complete(req)

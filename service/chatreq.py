@@ -1,0 +1,64 @@
+"""Validation of a chat completion body, shared by every way a chat arrives (HTTP, WebSocket):
+the same decoder, the same bounds, the same OpenAI-shaped 400 naming the parameter."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import msgspec
+from aiohttp import web
+
+from bulwark.config import ModelPolicy
+from bulwark.errors import InvalidRequest
+from bulwark.wire import ChatRequest, request_decoder
+
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+_FIELD = re.compile(r"(?:missing required|unknown) field `([^`]*)`")
+
+
+def param_of(err: msgspec.ValidationError) -> str | None:
+    """The parameter a msgspec validation error is about, as OpenAI names it
+    (`messages[0].role`, `temperature`, or the unknown field itself)."""
+    text = str(err)
+    m, f = _PATH.search(text), _FIELD.search(text)
+    where = m.group(1) if m else ""
+    field = f.group(1) if f else ""
+    return ".".join(p for p in (where, field) if p) or None
+
+
+def decode_chat(body: bytes) -> ChatRequest:
+    try:
+        return request_decoder.decode(body)
+    except msgspec.ValidationError as err:
+        raise InvalidRequest(f"Invalid request: {err}", code="invalid_request",
+                             param=param_of(err)) from None
+    except msgspec.DecodeError:
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+
+
+def check_limits(chat: ChatRequest, *, max_messages: int, max_chars: int) -> None:
+    if len(chat.messages) > max_messages:
+        raise InvalidRequest(f"Too many messages: at most {max_messages}.",
+                             code="too_many_messages", param="messages")
+    for i, message in enumerate(chat.messages):
+        content = message.content
+        size = len(content) if isinstance(content, str) else sum(
+            len(str(part.get("text", ""))) for part in content or ())
+        if size > max_chars:
+            raise InvalidRequest(f"Message {i} is longer than {max_chars} characters.",
+                                 code="message_too_long", param=f"messages[{i}].content")
+
+
+def wants_continuation(headers: Mapping[str, str], policy: ModelPolicy | None) -> bool:
+    """`x-bulwark-continue` when the client sent it (on the request, or on a socket's
+    upgrade), else the model's `continue_streams`."""
+    header = headers.get("x-bulwark-continue")
+    if header is not None:
+        return header.strip().lower() == "true"
+    return policy is not None and policy.continue_streams
+
+
+def accepts_canned(request: web.Request) -> bool:
+    """`x-bulwark-accept-canned: true`: the model's canned reply is an acceptable answer."""
+    return request.headers.get("x-bulwark-accept-canned", "").strip().lower() == "true"
