@@ -50,6 +50,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Grace period for in-flight requests on SIGTERM; honcho SIGKILLs 5 s after SIGTERM.
     drain_sec: PositiveFloat = 4.0
     sim_url: str = SIM_DEFAULT_URL
+    #: `/v1/*` needs a client key even before any key exists (docs/ADMIN.md).
+    require_keys: bool = False
+    #: Bearer token that `/metrics` requires, when set (scrapers send it).
+    metrics_token: str | None = None
+    #: Client requests one web process works on at once (the process bulkhead): about the
+    #: upstream pool's 1000 sockets, so that what is admitted can also be sent.
+    max_in_flight: Annotated[int, Meta(ge=1)] = 1000
+    #: How long a request may wait for a free slot of a full bulkhead (process or
+    #: provider) before it is refused with Retry-After: long enough to ride out a burst,
+    #: short against any client's timeout.
+    bulkhead_wait_ms: Annotated[float, Meta(ge=0)] = 100.0
 
 
 _ENV_MAP = {
@@ -70,6 +81,10 @@ _ENV_MAP = {
     "BULWARK_MAX_BODY_BYTES": "max_body_bytes",
     "BULWARK_DRAIN_SEC": "drain_sec",
     "BULWARK_SIM_URL": "sim_url",
+    "BULWARK_REQUIRE_KEYS": "require_keys",
+    "BULWARK_METRICS_TOKEN": "metrics_token",
+    "BULWARK_MAX_IN_FLIGHT": "max_in_flight",
+    "BULWARK_BULKHEAD_WAIT_MS": "bulkhead_wait_ms",
 }
 
 
@@ -110,8 +125,15 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     retries: NonNegInt | None = None
     #: How healthd pings it: `models` (GET /models, free) or `chat` (a one-token chat).
     health_check: Literal["models", "chat"] = "models"
+    #: Upstream requests one web process sends this provider at once (its bulkhead).
+    max_in_flight: Annotated[int, Meta(ge=1)] | None = None
     #: Gateway model name -> upstream model name.
     models: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+#: Default provider bulkhead: the pool's 500 sockets per host, so that a full provider is
+#: refused at once (and failed over) rather than queued inside the connection pool.
+DEFAULT_PROVIDER_IN_FLIGHT = 500
 
 
 class Timeouts(msgspec.Struct, frozen=True, kw_only=True):
@@ -134,6 +156,7 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True):
     retries: int
     health_check: Literal["models", "chat"]
     models: dict[str, str]
+    max_in_flight: int = DEFAULT_PROVIDER_IN_FLIGHT
 
     def api_key(self, env: Mapping[str, str] | None = None) -> str | None:
         """The secret, read from the environment only when a request needs it."""
@@ -186,6 +209,7 @@ def resolve(cfg: ProviderConfig, settings: Settings) -> Provider:
         retries=settings.http_retries if cfg.retries is None else cfg.retries,
         health_check=cfg.health_check,
         models=dict(cfg.models),
+        max_in_flight=cfg.max_in_flight or DEFAULT_PROVIDER_IN_FLIGHT,
     )
 
 

@@ -99,7 +99,7 @@ class Dispatcher:
         self._clock = clock
 
     def _no_provider(self, req: Request, failures: list[UpstreamError],
-                     attempts: int) -> GatewayError:
+                     attempts: int, *, full: bool = False) -> GatewayError:
         if failures and all(f.policy.client is UpstreamRejected for f in failures):
             # Every provider refused it as the caller's own request (context too long for
             # all of them, a feature none supports): that is a 400, not an outage.
@@ -107,6 +107,10 @@ class Dispatcher:
         if failures:
             return final_error(failures, attempts=attempts,
                                deadline_passed=self._clock() >= req.deadline)
+        if full:
+            return ServiceUnavailable(
+                "Every provider for this model is at its limit of requests in flight; retry "
+                "after the delay given.", code="provider_capacity", retry_after=1.0)
         plan = self.router.plan(req.chat.model)
         if plan.all_rate_limited:
             return RateLimited(
@@ -156,11 +160,13 @@ class Dispatcher:
                 rt.breaker.record_success(self._clock() - started)
                 fallback: Fallback = "failover" if failures else "none"
                 return Answer(completion, rt.name, attempts, fallback)
+            finally:
+                rt.slots.leave()
             last = failures[-1]
             self._failed(rt, last, req)
             if not last.policy.failover:
                 raise _rejected(last, False if attempts > 1 else None)
-        raise self._no_provider(req, failures, plan.count)
+        raise self._no_provider(req, failures, plan.count, full=plan.full)
 
     async def stream(self, req: Request, sink: Sink) -> None:
         """Stream one answer into `sink`; raises GatewayError only before anything was sent."""
@@ -234,8 +240,9 @@ class Dispatcher:
                                              code="internal_error"))
                 return
             finally:
+                rt.slots.leave()
                 await events.aclose()
-        raise self._no_provider(req, failures, plan.count)
+        raise self._no_provider(req, failures, plan.count, full=plan.full)
 
 
 def _stream_error(err: UpstreamError) -> GatewayError:
@@ -264,6 +271,9 @@ class _Attempts:
         self._current: ProviderRuntime | None = None
         self._tries = 0
         self.count = 0
+        #: Providers passed over because their bulkhead was full (waited for at the end).
+        self._full: list[ProviderRuntime] = []
+        self.full = False
 
     def _budget_left(self) -> bool:
         return self.count < self._d.max_attempts and self._d._clock() < self._req.deadline
@@ -276,15 +286,36 @@ class _Attempts:
             if delay is not None:
                 if delay > 0:
                     await d._sleep(delay)
-                if self._budget_left() and rt.breaker.allow():
+                if self._budget_left() and self._take(rt):
                     self._tries += 1
                     self.count += 1
                     return rt
         for rt in self._order:
             if not self._budget_left():
                 return None
-            if rt.breaker.allow():
+            if self._take(rt):
                 self._current, self._tries = rt, 1
                 self.count += 1
                 return rt
+        # Every other candidate is spent: wait (briefly, bounded) for a full one's slot.
+        while self._full and self._budget_left():
+            rt = self._full.pop(0)
+            if await rt.slots.wait():
+                if rt.breaker.allow():
+                    self._current, self._tries = rt, 1
+                    self.count += 1
+                    self.full = False
+                    return rt
+                rt.slots.leave()
         return None
+
+    def _take(self, rt: ProviderRuntime) -> bool:
+        """A bulkhead slot and the breaker's permission for one attempt on `rt`."""
+        if not rt.slots.try_enter():
+            self._full.append(rt)
+            self.full = True
+            return False
+        if rt.breaker.allow():
+            return True
+        rt.slots.leave()
+        return False

@@ -14,8 +14,10 @@ from aiohttp import web
 from bulwark.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
 from bulwark.providers.base import StreamEvent
 from bulwark.wire import ChatRequest, ModelCard, ModelList, encoder, request_decoder
+from service.auth import check_model
 from service.dispatch import ClientGone, Fallback, Request
-from service.keys import DISPATCHER, REQUEST_ID, ROUTER, SETTINGS, STREAMS
+from service.keys import DISPATCHER, METER, RATE_HEADERS, REQUEST_ID, ROUTER, SETTINGS, STREAMS
+from service.ratelimit import MeteredSink
 
 routes = web.RouteTableDef()
 
@@ -86,9 +88,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             f"The request body is larger than {settings.max_body_bytes} bytes.") from None
     chat = _decode(body)
     _check_limits(chat, max_messages=settings.max_messages, max_chars=settings.max_message_chars)
+    # Before the model lookup: a key limited to some models learns nothing about others.
+    check_model(request, chat.model)
     if not request.app[ROUTER].has_model(chat.model):
         raise NotFound(f"The model {chat.model!r} does not exist.", code="model_not_found",
                        param="model")
+    meter = request.get(METER)  # a key with a tokens-per-minute limit
+    if meter is not None:
+        meter.request(chat)
     rid = request[REQUEST_ID]
     req = Request(chat=chat, request_id=rid,
                   deadline=_deadline(request, chat, settings.request_timeout_sec),
@@ -96,11 +103,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     dispatcher = request.app[DISPATCHER]
     if not chat.stream:
         answer = await dispatcher.complete(req)
+        if meter is not None:
+            meter.completion(answer.completion.parsed)
         return web.Response(body=answer.completion.body, content_type="application/json",
                             headers=_chat_headers(rid, answer.provider, answer.attempts,
                                                   answer.fallback))
     sink = SseSink(request, rid)
-    await dispatcher.stream(req, sink)
+    await dispatcher.stream(req, sink if meter is None else MeteredSink(sink, meter))
     assert sink.response is not None  # stream() raises unless it started the response
     return sink.response
 
@@ -119,6 +128,7 @@ class SseSink:
     async def start(self, provider: str, attempts: int, fallback: Fallback) -> None:
         headers = _chat_headers(self._rid, provider, attempts, fallback)
         headers.update(_SSE_HEADERS)
+        headers.update(self._request.get(RATE_HEADERS) or ())
         self.response = web.StreamResponse(status=200, headers=headers)
         try:
             await self.response.prepare(self._request)
