@@ -19,7 +19,7 @@ import msgspec
 from aiohttp import web
 
 from bulwark.clientkeys import FLEET_PREFIX, PREFIX, KeyRecord
-from bulwark.errors import AuthenticationFailed, PermissionDenied
+from bulwark.errors import AuthenticationFailed, PermissionDenied, RateLimited
 from bulwark.state import FleetRow
 from service.bulkhead import Bulkhead
 from service.keys import CLIENT_KEY, METER, RATE_HEADERS
@@ -80,6 +80,9 @@ class Guard:
     def records(self) -> list[KeyRecord]:
         return list(self._by_id.values())
 
+    def loaded(self, key_id: str) -> bool:
+        return key_id in self._by_id
+
     # -- the request path ---------------------------------------------------------------
 
     def authenticate(self, request: web.Request) -> KeyRecord:
@@ -111,7 +114,11 @@ class Guard:
             if rec.rpm is None and rec.tpm is None:
                 return
             budget = self.limiter.budget(rec.id, rec.rpm, rec.tpm)
-            request[RATE_HEADERS] = await self.limiter.admit(budget)
+            try:
+                request[RATE_HEADERS] = await self.limiter.admit(budget)
+            except RateLimited:
+                request[RATE_HEADERS] = self.limiter.headers(budget)  # on the 429 too
+                raise
             if budget.tok is not None:
                 request[METER] = Meter(budget)
         except BaseException:

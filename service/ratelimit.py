@@ -301,7 +301,8 @@ class Limiter:
             short = [d for d in (b.req, b.tok) if d is not None and d.local < d.unit]
             # Wait only for budget the shared bucket had at the last lease (plus refill).
             for d in short:
-                if d.shared_now(now) < d.unit:
+                # (A token allowance below zero is owed, and paid before anything is lent.)
+                if d.shared_now(now) + min(0.0, d.local) < d.unit:
                     self._refuse(b, d, now)
             if now >= deadline:
                 self._refuse(b, short[0] if short else None, now)
@@ -323,7 +324,8 @@ class Limiter:
 
     def _refuse(self, b: Budget, d: Dim | None, now: float) -> None:
         self.refused += 1
-        need = 1.0 if d is b.req else b.tokens_per_request
+        # Tokens: until what this process owes is paid back and one more is there.
+        need = 1.0 if d is b.req else 1.0 - min(0.0, d.local) if d is not None else 1.0
         wait = d.wait_for(need, now) if d is not None else 1.0
         which = "tokens" if d is not None and d is b.tok else "requests"
         raise RateLimited(

@@ -33,7 +33,7 @@ from bulwark.errors import (
     ServiceUnavailable,
 )
 from bulwark.wire import encoder
-from service.keys import BUS, ROUTER, SETTINGS, VIEW
+from service.keys import BUS, GUARD, ROUTER, SETTINGS, VIEW
 
 routes = web.RouteTableDef()
 
@@ -308,7 +308,10 @@ async def get_degradation(request: web.Request) -> web.Response:
 async def list_keys(request: web.Request) -> web.Response:
     authorize(request)
     records = await _write(request, "list keys", clientkeys.list_all)
-    return _json({"object": "list", "data": [clientkeys.public(r) for r in records]})
+    # `loaded`: this process holds the record (and so enforces it): propagation, visible.
+    here = request.app[GUARD].loaded
+    return _json({"object": "list", "data": [
+        {**clientkeys.public(r), "loaded": here(r.id)} for r in records]})
 
 
 @routes.post("/admin/keys")
