@@ -125,11 +125,19 @@ class PgStore:
 class Dim:
     """One bucket as one process sees it: its allowance here, and the shared level."""
 
-    __slots__ = ("at", "cap", "local", "need", "rate", "shared", "spent", "unit")
+    __slots__ = ("_left", "_shown", "at", "cap", "keys", "limit", "local", "need", "rate",
+                 "shared", "spent", "unit")
 
-    def __init__(self, cap: int, unit: float, now: float) -> None:
+    def __init__(self, cap: int, unit: float, now: float, name: str = "requests") -> None:
         self.cap = float(cap)
         self.rate = cap / 60.0
+        # The x-ratelimit-* header names and the limit's text, made once: the headers are
+        # built on every keyed request.
+        self.keys = (f"x-ratelimit-limit-{name}", f"x-ratelimit-remaining-{name}",
+                     f"x-ratelimit-reset-{name}")
+        self.limit = str(cap)
+        self._left = -1
+        self._shown = ("", "")
         #: What one request needs to be admitted (1 for requests; tokens: anything > 0).
         self.unit = unit
         self.local = 0.0
@@ -149,6 +157,15 @@ class Dim:
     def remaining(self, now: float) -> float:
         return max(0.0, min(self.cap, self.local + self.shared_now(now)))
 
+    def put_headers(self, out: dict[str, str], now: float) -> None:
+        left = int(self.remaining(now))
+        if left != self._left:  # reformatted only when the whole number moved
+            self._left = left
+            self._shown = (str(left), _duration((self.cap - left) / self.rate))
+        k_limit, k_remaining, k_reset = self.keys
+        out[k_limit] = self.limit
+        out[k_remaining], out[k_reset] = self._shown
+
     def wait_for(self, amount: float, now: float) -> float:
         """Seconds until the shared bucket holds `amount` again (at its refill rate)."""
         missing = amount - self.shared_now(now) - max(0.0, self.local)
@@ -162,8 +179,8 @@ class Budget:
 
     def __init__(self, key_id: str, rpm: int | None, tpm: int | None, now: float) -> None:
         self.key_id = key_id
-        self.req = Dim(rpm, 1.0, now) if rpm else None
-        self.tok = Dim(tpm, 1e-9, now) if tpm else None
+        self.req = Dim(rpm, 1.0, now, "requests") if rpm else None
+        self.tok = Dim(tpm, 1e-9, now, "tokens") if tpm else None
         self.last_used = now
         self.tokens_per_request = FIRST_TOKEN_GUESS
         self.refilled = asyncio.Event()
@@ -344,13 +361,10 @@ class Limiter:
     def headers(self, b: Budget) -> dict[str, str]:
         now = self._clock()
         out: dict[str, str] = {}
-        for name, d in (("requests", b.req), ("tokens", b.tok)):
-            if d is None:
-                continue
-            left = d.remaining(now)
-            out[f"x-ratelimit-limit-{name}"] = str(int(d.cap))
-            out[f"x-ratelimit-remaining-{name}"] = str(int(left))
-            out[f"x-ratelimit-reset-{name}"] = _duration((d.cap - left) / d.rate)
+        if b.req is not None:
+            b.req.put_headers(out, now)
+        if b.tok is not None:
+            b.tok.put_headers(out, now)
         return out
 
     # -- leasing (one background task) ----------------------------------------------------
