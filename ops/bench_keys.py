@@ -135,7 +135,9 @@ class Rig:
                    **extra)
         if dsn:
             env["DATABASE_URL"] = dsn
-        proc = self.start(name, [sys.executable, "-m", "service"], env)
+        # BENCH_KEYS_GATEWAY=ops.bench_profile runs the gateways under the profiler.
+        module = os.environ.get("BENCH_KEYS_GATEWAY", "service")
+        proc = self.start(name, [sys.executable, "-m", module], env)
         wait_ready(proc, port, "/health/live")
         return proc
 
@@ -181,8 +183,9 @@ def part_cpu(rig: Rig, rounds: int, seconds: int) -> None:
     off_db, on_db = rig.database("keys_off"), rig.database("keys_on")
     key = new_key(on_db, "bench", rpm=1_000_000_000, tpm=1_000_000_000)
     off_port, on_port = free_port(), free_port()
-    off = rig.web("gateway-off", off_port, off_db)
-    on = rig.web("gateway-on", on_port, on_db)
+    prof = os.environ.get("BENCH_PROFILE_OUT", "/tmp/bench_keys-profile")
+    off = rig.web("gateway-off", off_port, off_db, BENCH_PROFILE_OUT=prof + "-off")
+    on = rig.web("gateway-on", on_port, on_db, BENCH_PROFILE_OUT=prof + "-on")
     until_ok(off_port, None)
     until_ok(on_port, key)
     scripts = {"off": lua(rig.logs, "off", key), "on": lua(rig.logs, "on", key)}
@@ -204,6 +207,11 @@ def part_cpu(rig: Rig, rounds: int, seconds: int) -> None:
           f"(runs {', '.join(f'{x:.1f}' for x in per_req['on'])})")
     print(f"req/s: off {statistics.median(rps['off']):.0f}, on {statistics.median(rps['on']):.0f}")
     print(f"ratio on/off: {med['on'] / med['off']:.3f}  (target <= 1.10)")
+    # Rounds alternate off, on: the ratio within each pair cancels slow drifts of the
+    # machine's load (other work on a shared box), which the medians above do not.
+    pairs = [on_ / off_ for off_, on_ in zip(per_req["off"], per_req["on"], strict=True)]
+    print(f"paired ratio on/off: median {statistics.median(pairs):.3f} "
+          f"(rounds {', '.join(f'{x:.2f}' for x in pairs)})")
 
 
 def part_overshoot(rig: Rig, rpm: int, seconds: int, runs: int) -> None:

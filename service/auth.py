@@ -27,6 +27,9 @@ from service.ratelimit import Limiter, Meter
 
 log = logging.getLogger("bulwark.auth")
 
+#: Verified keys remembered per process; past this the memory is simply cleared.
+_SEEN_MAX = 10_000
+
 
 
 
@@ -53,6 +56,9 @@ class Guard:
         self.limiter = limiter or Limiter()
         self._by_hash: dict[str, KeyRecord] = {}
         self._by_id: dict[str, KeyRecord] = {}
+        #: key -> its digest, for keys that matched a record (the record is still looked
+        #: up, and checked, on every request: a revocation applies at once).
+        self._seen: dict[str, str] = {}
         #: The one check the request path makes while no key exists.
         self.keys_on = require_keys
 
@@ -91,8 +97,16 @@ class Guard:
             raise AuthenticationFailed(
                 "This gateway requires an API key: send `Authorization: Bearer <key>`.",
                 code="invalid_api_key")
-        rec = self._by_hash.get(hashlib.sha256(presented.encode()).hexdigest()) \
-            if presented.startswith(PREFIX) else None
+        digest = self._seen.get(presented)
+        if digest is None and presented.startswith(PREFIX):
+            digest = hashlib.sha256(presented.encode()).hexdigest()
+            if digest in self._by_hash:
+                # A SHA-256 object costs microseconds under OpenSSL 3 (the digest is
+                # fetched per call); keys that matched a record are remembered, bounded.
+                if len(self._seen) >= _SEEN_MAX:
+                    self._seen.clear()
+                self._seen[presented] = digest
+        rec = self._by_hash.get(digest) if digest is not None else None
         if rec is None:
             raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
         if rec.revoked:
