@@ -587,19 +587,10 @@ class Bus:
         Returns the row as written, or None when Postgres is unreachable. Like publish(),
         the local view changes when the notification arrives.
         """
-        raw = msgspec.json.encode(value).decode()
 
         async def op(conn: _PoolConn) -> FleetRow:
             async with conn.transaction():
-                rec = await conn.fetchrow(_PUT_FLEET, key, raw, source)
-                assert rec is not None
-                row = _fleet_row(rec)
-                payload = row_encoder.encode(row).decode()
-                if len(payload.encode()) > _PAYLOAD_MAX:
-                    payload = row_encoder.encode(
-                        FleetRow(key=key, value=None, seq=row.seq, updated_by="\0big")).decode()
-                await conn.execute("SELECT pg_notify($1, $2)", FLEET_CHANNEL, payload)
-            return row
+                return await put_fleet_on(conn, key, value, source=source)
 
         row = await self._write(f"put_fleet {key}", op)
         if row is not None:
@@ -757,6 +748,23 @@ class Bus:
             return True
 
         return await self._write("upsert_providers", op) is not None
+
+
+async def put_fleet_on(conn: _PoolConn | asyncpg.Connection, key: str, value: Any, *,
+                       source: str) -> FleetRow:
+    """`Bus.put_fleet` on a connection the caller holds, inside the caller's transaction:
+    for a module that changes its own table and the fleet row together (client keys), so
+    that the two can never disagree. The NOTIFY goes out when that transaction commits."""
+    raw = msgspec.json.encode(value).decode()
+    rec = await conn.fetchrow(_PUT_FLEET, key, raw, source)
+    assert rec is not None
+    row = _fleet_row(rec)
+    payload = row_encoder.encode(row).decode()
+    if len(payload.encode()) > _PAYLOAD_MAX:
+        payload = row_encoder.encode(
+            FleetRow(key=key, value=None, seq=row.seq, updated_by="\0big")).decode()
+    await conn.execute("SELECT pg_notify($1, $2)", FLEET_CHANNEL, payload)
+    return row
 
 
 def _fleet_row(rec: asyncpg.Record) -> FleetRow:

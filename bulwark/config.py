@@ -71,6 +71,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ws_heartbeat_sec: PositiveFloat = 20.0
     #: How long answers of socket requests stay available to `resume`.
     ws_retention_sec: PositiveFloat = 900.0
+    #: `/v1/*` needs a client key even before any key exists (docs/ADMIN.md).
+    require_keys: bool = False
+    #: Bearer token that `/metrics` requires, when set (scrapers send it).
+    metrics_token: str | None = None
+    #: Client requests one web process works on at once (the process bulkhead): about the
+    #: upstream pool's 1000 sockets, so that what is admitted can also be sent.
+    max_in_flight: Annotated[int, Meta(ge=1)] = 1000
+    #: How long a request may wait for a free slot of a full bulkhead (process or
+    #: provider) before it is refused with Retry-After: long enough to ride out a burst,
+    #: short against any client's timeout.
+    bulkhead_wait_ms: Annotated[float, Meta(ge=0)] = 100.0
 
 
 _ENV_MAP = {
@@ -100,6 +111,10 @@ _ENV_MAP = {
     "BULWARK_WS_MAX_QUEUED_BYTES": "ws_max_queued_bytes",
     "BULWARK_WS_HEARTBEAT_SEC": "ws_heartbeat_sec",
     "BULWARK_WS_RETENTION_SEC": "ws_retention_sec",
+    "BULWARK_REQUIRE_KEYS": "require_keys",
+    "BULWARK_METRICS_TOKEN": "metrics_token",
+    "BULWARK_MAX_IN_FLIGHT": "max_in_flight",
+    "BULWARK_BULKHEAD_WAIT_MS": "bulkhead_wait_ms",
 }
 
 
@@ -151,8 +166,15 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: How it continues another provider's broken stream (docs/CONTINUATION.md); None is the
     #: kind's default (`CONTINUATION_BY_KIND`).
     continuation: Continuation | None = None
+    #: Upstream requests one web process sends this provider at once (its bulkhead).
+    max_in_flight: Annotated[int, Meta(ge=1)] | None = None
     #: Gateway model name -> upstream model name.
     models: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+#: Default provider bulkhead: the pool's 500 sockets per host, so that a full provider is
+#: refused at once (and failed over) rather than queued inside the connection pool.
+DEFAULT_PROVIDER_IN_FLIGHT = 500
 
 
 class Timeouts(msgspec.Struct, frozen=True, kw_only=True):
@@ -176,6 +198,7 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True):
     health_check: Literal["models", "chat"]
     models: dict[str, str]
     continuation: Continuation = "instruct"
+    max_in_flight: int = DEFAULT_PROVIDER_IN_FLIGHT
 
     def api_key(self, env: Mapping[str, str] | None = None) -> str | None:
         """The secret, read from the environment only when a request needs it."""
@@ -229,6 +252,7 @@ def resolve(cfg: ProviderConfig, settings: Settings) -> Provider:
         health_check=cfg.health_check,
         models=dict(cfg.models),
         continuation=cfg.continuation or CONTINUATION_BY_KIND[cfg.kind],
+        max_in_flight=cfg.max_in_flight or DEFAULT_PROVIDER_IN_FLIGHT,
     )
 
 

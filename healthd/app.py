@@ -26,13 +26,14 @@ import asyncpg
 import msgspec
 from aiohttp.resolver import AsyncResolver
 
+from bulwark import forced
 from bulwark.breaker import BreakerConfig, Transition
 from bulwark.bus import CONNECTION_ERRORS, Bus, HealthSample, prune
 from bulwark.cache import prune as prune_cache
 from bulwark.config import Provider
 from bulwark.providers.base import Adapter, ProbeResult
 from bulwark.providers.registry import make_adapter
-from bulwark.state import Health, StateRow, View
+from bulwark.state import FleetRow, Health, StateRow, View
 from healthd.degradation import publish_auto
 from healthd.leader import DB_ERRORS, LeaderLock
 from healthd.probe import ProbeLoop
@@ -127,6 +128,10 @@ class Leadership:
         # opened, and whatever the previous leader last said.
         for row in view.rows.values():
             self.adopt(row, snapshot=True)
+        for key, fleet_row in view.fleet.items():
+            name = forced.provider_of(key)
+            if name is not None and name in self.windows:
+                self.recovery.hold(name, forced.deadline(fleet_row.value))
 
     # -- the shared state comes in -------------------------------------------------------------
 
@@ -137,6 +142,9 @@ class Leadership:
         if snapshot or row.updated_by != SOURCE:
             self.known[row.provider] = row.health
         self._collect_transitions()
+        self._timer_wake.set()
+
+    def wake_timer(self) -> None:
         self._timer_wake.set()
 
     # -- probes ------------------------------------------------------------------------------
@@ -275,6 +283,7 @@ class Healthd:
         self.env = env
         self.view = View()
         self.view.subscribe(self._on_row)
+        self.view.subscribe_fleet(self._on_fleet)
         self.term: Leadership | None = None
         self.terms = 0
 
@@ -286,6 +295,16 @@ class Healthd:
         except Exception:
             # Called from the bus's own task: a bug here must not stop the view's updates.
             log.exception("could not adopt a shared row", extra={"provider": row.provider})
+
+    def _on_fleet(self, row: FleetRow) -> None:
+        """An operator forced a breaker open (or reset it): recovery waits for its expiry."""
+        name = forced.provider_of(row.key)
+        term = self.term
+        if term is None or name not in term.windows:
+            return
+        term.recovery.hold(name, forced.deadline(row.value))
+        # The recovery timer must learn the new hold (or its end).
+        term.wake_timer()
 
     async def run(self, stop: asyncio.Event) -> None:
         async with contextlib.AsyncExitStack() as stack:

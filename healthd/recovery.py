@@ -42,6 +42,26 @@ class Recovery:
         self._phase: dict[str, int] = dict.fromkeys(self.breakers, 0)
         #: Permits `due()` took, waiting for the provider's next probe to claim them.
         self._permits: dict[str, int] = {}
+        #: Breakers an operator forced open: no recovery before this (monotonic) time.
+        self.held: dict[str, float] = {}
+        self._clock = clock
+
+    def hold(self, name: str, until: float) -> None:
+        """Keep `name` open until `until` (monotonic; inf: until reset, 0: release)."""
+        if until > 0:
+            self.held[name] = until
+        else:
+            self.held.pop(name, None)
+
+    def _held_for(self, name: str) -> float:
+        until = self.held.get(name)
+        if until is None:
+            return 0.0
+        left = until - self._clock()
+        if left <= 0:
+            del self.held[name]
+            return 0.0
+        return left
 
     def _on_transition(self, t: Transition) -> None:
         self._phase[t.name] += 1
@@ -83,6 +103,8 @@ class Recovery:
         """
         ready: list[str] = []
         for name, breaker in self.breakers.items():
+            if self._held_for(name) > 0:
+                continue
             if breaker.state is State.OPEN and breaker.retry_in() <= 0 and breaker.allow():
                 # allow() has just moved it to HALF_OPEN (auto_half_open), so the phase is
                 # read after it.
@@ -92,7 +114,8 @@ class Recovery:
 
     def next_due_in(self) -> float | None:
         """Seconds until the next open period ends; None when no breaker is open."""
-        waits = [b.retry_in() for b in self.breakers.values() if b.state is State.OPEN]
+        waits = [max(b.retry_in(), self._held_for(name))
+                 for name, b in self.breakers.items() if b.state is State.OPEN]
         return min(waits) if waits else None
 
     # -- probes as trials -----------------------------------------------------------------------
@@ -107,6 +130,8 @@ class Recovery:
         phase = self._permits.pop(name, None)
         if phase is not None and phase == self._phase[name]:
             return phase
+        if self._held_for(name) > 0:
+            return None  # forced open by an operator: its probes are not trials
         # allow() says yes to every call while CLOSED (no trial then), no while OPEN before
         # the period is over, and hands out trial permits otherwise (moving to HALF_OPEN
         # first when the period has just ended).

@@ -60,6 +60,11 @@ def embedded_simulator(
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["keys"]:
+        # Imported only here: the web start does not load the CLI.
+        from service.keycli import main as keys_main
+
+        return keys_main(sys.argv[2:])
     try:
         settings = settings_from_env()
         providers = load_providers(settings)
@@ -67,7 +72,9 @@ def main() -> int:
     except ConfigError as err:
         print(f"bulwark: {err}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level, settings.log_format, secrets=provider_secrets(providers))
+    secrets = [*provider_secrets(providers), settings.admin_token or "",
+               settings.metrics_token or ""]
+    setup_logging(settings.log_level, settings.log_format, secrets=secrets)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency, but optional in spirit

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -20,11 +21,23 @@ from bulwark.providers.registry import make_adapter
 from bulwark.retry import Backoff
 from bulwark.state import View
 from service import keys
+from service.auth import Guard
+from service.bulkhead import Bulkhead
 from service.dispatch import Dispatcher
 from service.edge import edge
 from service.observers import Observers, RecentFailures
+from service.ratelimit import Limiter, PgStore
 from service.router import ProviderRuntime, Router
-from service.routes import chat, degradation, embeddings, health, health_detailed, status, ws
+from service.routes import (
+    admin,
+    chat,
+    degradation,
+    embeddings,
+    health,
+    health_detailed,
+    status,
+    ws,
+)
 from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync, run_sync
 
@@ -50,12 +63,18 @@ def create_app(settings: Settings, providers: list[Provider], *,
         memory_bytes=settings.cache_memory_bytes,
         lookup_timeout=settings.cache_lookup_timeout_ms / 1000.0)
     app[keys.DEGRADATION] = Degradation(app[keys.VIEW])
+    guard = Guard(require_keys=settings.require_keys, metrics_token=settings.metrics_token,
+                  bulkhead=Bulkhead(settings.max_in_flight,
+                                    wait_sec=settings.bulkhead_wait_ms / 1000))
+    app[keys.GUARD] = guard
+    app[keys.VIEW].subscribe_fleet(guard.on_fleet)
     app.add_routes(chat.routes)
     app.add_routes(embeddings.routes)
     app.add_routes(health.routes)
     app.add_routes(degradation.routes)
     app.on_response_prepare.append(degradation.stamp)
     ws.install(app, settings)
+    app.add_routes(admin.routes)
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # One pool for all providers. 1000 sockets bound memory per process; 500 per host
@@ -77,10 +96,12 @@ def create_app(settings: Settings, providers: list[Provider], *,
             adapter = make_adapter(p, session, retry_after_cap=settings.retry_after_cap_sec,
                                    env=env)
             breaker = Breaker(p.name, config, on_transition=sync.on_transition)
-            runtimes.append(ProviderRuntime(p, adapter, breaker))
+            runtimes.append(ProviderRuntime(p, adapter, breaker,
+                                            wait_sec=settings.bulkhead_wait_ms / 1000))
         router = Router(runtimes, app[keys.VIEW], healthd_interval=settings.healthd_interval_sec)
         sync.attach(router)
         app[keys.VIEW].subscribe(sync.on_row)
+        app[keys.VIEW].subscribe_fleet(sync.on_fleet)
         app[keys.ROUTER] = router
         app[keys.SYNC] = sync
         recorder = ErrorRecorder()
@@ -97,20 +118,36 @@ def create_app(settings: Settings, providers: list[Provider], *,
     async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
         sync = app[keys.SYNC]
         if not settings.database_url:
-            async for _ in run_sync(sync, None):
-                yield
+            # Rate limits on buckets of this process alone (one process: exact).
+            leaser = asyncio.create_task(guard.limiter.run(), name="rate-leases")
+            try:
+                async for _ in run_sync(sync, None):
+                    yield
+            finally:
+                leaser.cancel()
+                await asyncio.gather(leaser, return_exceptions=True)
             return
         bus = Bus(settings.database_url, app[keys.VIEW], name=sync.name)
         app[keys.WS].store.listen(bus)  # its NOTIFY channel: before start()
         await bus.start()
+        app[keys.BUS] = bus
         recorder = app[keys.ERRORS]
         flusher = asyncio.create_task(recorder.run(bus), name="service-errors")
+
+        async def fetch(sql: str, args: Sequence[object]) -> list[tuple[Any, ...]] | None:
+            rows = await bus.write("rate lease", lambda conn: conn.fetch(sql, *args))
+            return None if rows is None else [tuple(r) for r in rows]
+
+        # Rate limits lease from the shared buckets in Postgres (service/ratelimit.py).
+        guard.limiter = Limiter(PgStore(fetch))
+        leaser = asyncio.create_task(guard.limiter.run(), name="rate-leases")
         try:
             async for _ in run_sync(sync, bus):
                 yield
         finally:
+            leaser.cancel()
             flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
+            await asyncio.gather(flusher, leaser, return_exceptions=True)
             await recorder.flush(bus)
             await bus.close()
 

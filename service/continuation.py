@@ -148,10 +148,7 @@ class Tracker:
 
     async def start(self, provider: str, attempts: int, fallback: Fallback, *,
                     cache_age: float | None = None) -> None:
-        if cache_age is None:
-            await self.sink.start(provider, attempts, fallback)
-        else:
-            await self.sink.start(provider, attempts, fallback, cache_age=cache_age)
+        await self.sink.start(provider, attempts, fallback, cache_age=cache_age)
 
     async def event(self, ev: StreamEvent) -> None:
         chunk = ev.chunk
@@ -281,7 +278,10 @@ async def continue_stream(d: Dispatcher, req: Request, sent: Tracker, plan: _Att
     last: UpstreamError | None = None  # None: move on to the next provider
     while (rt := await plan.next(last)) is not None:
         partial = sent.text()
-        progressed = await _attempt(d, req, sent, rt, partial, model=plan.model)
+        try:
+            progressed = await _attempt(d, req, sent, rt, partial, model=plan.model)
+        finally:
+            rt.slots.leave()  # the bulkhead slot plan.next() took for this attempt
         if progressed is None:
             return
         last, added = progressed

@@ -250,7 +250,7 @@ class Dispatcher:
             code="service_degraded", retry_after=CRITICAL_RETRY_AFTER_SEC)
 
     def _no_provider(self, req: Request | EmbedRequest, failures: list[UpstreamError],
-                     attempts: int) -> GatewayError:
+                     attempts: int, *, full: bool = False) -> GatewayError:
         if failures and all(f.policy.client is UpstreamRejected for f in failures):
             # Every provider refused it as the caller's own request (context too long for
             # all of them, a feature none supports): that is a 400, not an outage.
@@ -258,6 +258,10 @@ class Dispatcher:
         if failures:
             return final_error(failures, attempts=attempts,
                                deadline_passed=self._clock() >= req.deadline)
+        if full:
+            return ServiceUnavailable(
+                "Every provider for this model is at its limit of requests in flight; retry "
+                "after the delay given.", code="provider_capacity", retry_after=1.0)
         plan = self.router.plan(req.model)
         if plan.all_rate_limited:
             return RateLimited(
@@ -353,21 +357,20 @@ class Dispatcher:
                 rt.breaker.record_success(self._clock() - started)
                 fallback: Fallback = "failover" if failures else "none"
                 return answer, rt.name, attempts, fallback
+            finally:
+                rt.slots.leave()
             last = failures[-1]
             self._failed(rt, last, req)
             if not last.policy.failover:
                 raise _rejected(last, False if attempts > 1 else None)
-        raise _NoLiveAnswer(self._no_provider(req, failures, plan.count))
+        raise _NoLiveAnswer(self._no_provider(req, failures, plan.count, full=plan.full))
 
     async def _replay(self, req: Request, answer: Answer, sink: Sink) -> None:
         """A stored or canned answer as a proper stream: chunks, finish_reason, [DONE]."""
         events = events_of(answer.completion.parsed, include_usage=req.chat.include_usage)
         try:
-            if answer.cache_age is None:
-                await sink.start(answer.provider, answer.attempts, answer.fallback)
-            else:
-                await sink.start(answer.provider, answer.attempts, answer.fallback,
-                                 cache_age=answer.cache_age)
+            await sink.start(answer.provider, answer.attempts, answer.fallback,
+                             cache_age=answer.cache_age)
             for ev in events:
                 await sink.event(ev)
             await sink.done()
@@ -485,8 +488,9 @@ class Dispatcher:
                                              code="internal_error"))
                 return
             finally:
+                rt.slots.leave()
                 await events.aclose()
-        final = self._no_provider(req, failures, plan.count)
+        final = self._no_provider(req, failures, plan.count, full=plan.full)
         await self._replay(req, await self._no_live_answer(req, p, final, plan.count), sink)
 
 class _NoLiveAnswer(Exception):
@@ -543,6 +547,9 @@ class _Attempts:
         self._current: ProviderRuntime | None = None
         self._tries = 0
         self.count = 0
+        #: Providers passed over because their bulkhead was full (waited for at the end).
+        self._full: list[ProviderRuntime] = []
+        self.full = False
 
     def _budget_left(self) -> bool:
         return self.count < self._cap and self._d._clock() < self._req.deadline
@@ -555,7 +562,7 @@ class _Attempts:
             if delay is not None:
                 if delay > 0:
                     await d._sleep(delay)
-                if self._budget_left() and rt.breaker.allow():
+                if self._budget_left() and self._take(rt):
                     self._tries += 1
                     self.count += 1
                     return rt
@@ -563,13 +570,35 @@ class _Attempts:
             for rt in self._order:
                 if not self._budget_left():
                     return None
-                if rt.breaker.allow():
+                if self._take(rt):
                     self._current, self._tries = rt, 1
                     self.count += 1
                     return rt
+            # Every other candidate of this model is spent: wait (briefly, bounded) for a
+            # full one's slot before settling for a fallback model.
+            while self._full and self._budget_left():
+                rt = self._full.pop(0)
+                if await rt.slots.wait():
+                    if rt.breaker.allow():
+                        self._current, self._tries = rt, 1
+                        self.count += 1
+                        self.full = False
+                        return rt
+                    rt.slots.leave()
             # Every provider of this model failed, is open or rate limited: the next model.
             model = next(self._models, None)
             if model is None or not self._budget_left():
                 return None
             self.model, self._current = model, None
             self._order = iter(d.router.plan(model).order)
+
+    def _take(self, rt: ProviderRuntime) -> bool:
+        """A bulkhead slot and the breaker's permission for one attempt on `rt`."""
+        if not rt.slots.try_enter():
+            self._full.append(rt)
+            self.full = True
+            return False
+        if rt.breaker.allow():
+            return True
+        rt.slots.leave()
+        return False

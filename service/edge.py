@@ -21,7 +21,7 @@ from bulwark.errors import (
     PayloadTooLarge,
 )
 from bulwark.wire import encoder
-from service.keys import REQUEST_ID
+from service.keys import GUARD, RATE_HEADERS, REQUEST_ID
 
 log = logging.getLogger("bulwark.web")
 
@@ -43,9 +43,12 @@ def _valid_request_id(value: str) -> bool:
     return 0 < len(value) <= 128 and value.isascii() and value.isprintable()
 
 
-def error_response(err: GatewayError, request_id: str) -> web.Response:
+def error_response(err: GatewayError, request_id: str,
+                   extra: dict[str, str] | None = None) -> web.Response:
     headers = err.headers()
     headers["x-request-id"] = request_id
+    if extra:
+        headers.update(extra)
     return web.Response(status=err.status, body=encoder.encode(err.body()),
                         content_type="application/json", headers=headers)
 
@@ -72,10 +75,22 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not _valid_request_id(rid):
         rid = new_request_id()
     request[REQUEST_ID] = rid
+    # Client keys, rate limits and the process bulkhead (service/auth.py) for the API;
+    # while no key exists that is a counter and one boolean.
+    guard = request.app[GUARD]
+    path = request.path
+    api = path.startswith("/v1/")
+    count = api and path != "/v1/ws"  # a WebSocket would hold a slot for its lifetime
+    entered = False
     try:
+        if api:
+            await guard.enter(request, count=count)
+            entered = True
+        elif guard.metrics_token is not None and path == "/metrics":
+            guard.check_metrics(request)
         resp = await handler(request)
     except GatewayError as err:
-        return error_response(err, rid)
+        return error_response(err, rid, request.get(RATE_HEADERS) if guard.keys_on else None)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -88,6 +103,13 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         internal = GatewayError("The gateway failed to handle this request.",
                                 code="internal_error")
         return error_response(internal, rid)
+    finally:
+        if entered:
+            guard.leave(request, count=count)
     if not resp.prepared:
         resp.headers["x-request-id"] = rid
+        if guard.keys_on:
+            limits = request.get(RATE_HEADERS)
+            if limits:
+                resp.headers.update(limits)
     return resp

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import aiohttp
 from aiohttp import web
 
+from bulwark.bus import Bus
 from bulwark.cache import ResponseCache
+from bulwark.clientkeys import KeyRecord
 from bulwark.config import ModelPolicy, Provider, Settings
 from bulwark.degradation import Degradation
 from bulwark.state import View
 from service.dispatch import Dispatcher
 from service.observers import RecentFailures
+from service.ratelimit import Meter
 from service.router import Router
 from service.status_board import StatusBoard
 from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync
 from service.wshub import WsHub
+
+if TYPE_CHECKING:
+    from service.auth import Guard
 
 SETTINGS = web.AppKey("settings", Settings)
 PROVIDERS = web.AppKey("providers", list[Provider])
@@ -40,4 +48,17 @@ DEGRADATION = web.AppKey("degradation", Degradation)
 #: WebSocket chat: open sockets, their answers in flight, bus fan-out, the answer store.
 WS = web.AppKey("ws", WsHub)
 
+#: The state bus, when a database is configured (admin writes need it).
+BUS = web.AppKey("bus", Bus)
+#: Client keys, rate limits and the process bulkhead. Typed by annotation only: Guard
+#: sets the request keys below, so importing it here would be circular.
+GUARD: web.AppKey[Guard] = web.AppKey("guard")
+
 REQUEST_ID = web.RequestKey("request_id", str)
+#: The client key that authenticated this request (absent while keys are off): cache,
+#: idempotency and jobs scope by `request[CLIENT_KEY].id`.
+CLIENT_KEY = web.RequestKey("client_key", KeyRecord)
+#: The x-ratelimit-* headers of a keyed request, for every response it gets.
+RATE_HEADERS = web.RequestKey("rate_headers", dict[str, str])
+#: Tokens a keyed request with a tokens-per-minute limit used, charged when it ends.
+METER = web.RequestKey("meter", Meter)

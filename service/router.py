@@ -16,19 +16,25 @@ from bulwark.breaker import Breaker, State
 from bulwark.config import Provider
 from bulwark.providers.base import Adapter
 from bulwark.state import Health, View
+from service.bulkhead import Bulkhead
 
 
 class ProviderRuntime:
     """A provider with what the web process keeps about it at run time."""
 
-    __slots__ = ("adapter", "breaker", "cooldown_until", "provider")
+    __slots__ = ("adapter", "breaker", "cooldown_until", "forced_until", "provider", "slots")
 
-    def __init__(self, provider: Provider, adapter: Adapter, breaker: Breaker) -> None:
+    def __init__(self, provider: Provider, adapter: Adapter, breaker: Breaker, *,
+                 wait_sec: float = 0.1) -> None:
         self.provider = provider
         self.adapter = adapter
         self.breaker = breaker
         #: monotonic time before which the provider asked us (429 Retry-After) to stay away.
         self.cooldown_until = 0.0
+        #: monotonic time until which an operator forced its breaker open (inf: until reset).
+        self.forced_until = 0.0
+        #: Upstream requests in flight to it from this process (its bulkhead).
+        self.slots = Bulkhead(provider.max_in_flight, wait_sec=wait_sec)
 
     @property
     def name(self) -> str:
@@ -92,6 +98,10 @@ class Router:
         waits: list[float] = []
         limited = 0
         for rt in candidates:
+            if rt.forced_until > now:
+                # Forced open by an operator: no traffic, whatever the breaker says.
+                waits.append(min(rt.forced_until - now, 60.0))
+                continue
             if rt.cooldown_until > now:
                 waits.append(rt.cooldown_until - now)
                 limited += 1

@@ -20,10 +20,11 @@ from typing import Protocol
 
 import msgspec
 
+from bulwark import forced
 from bulwark.breaker import State, Transition
 from bulwark.bus import Bus, ServiceError
 from bulwark.errors import UpstreamError
-from bulwark.state import StateRow
+from bulwark.state import FleetRow, StateRow
 from service.router import Router
 
 log = logging.getLogger("bulwark.sync")
@@ -76,6 +77,13 @@ class StateSync:
             log.warning("unknown breaker state in shared row", extra={"provider": row.provider})
             return
         rt.breaker.apply_remote(state, row.reason or "shared state", open_for=row.open_for)
+
+    def on_fleet(self, row: FleetRow) -> None:
+        """View subscriber: an operator's force-open (or its removal) for a provider."""
+        name = forced.provider_of(row.key)
+        rt = self.router.runtimes.get(name) if self.router and name else None
+        if rt is not None:
+            rt.forced_until = forced.deadline(row.value)
 
     def follow_freshness(self) -> None:
         if self.router is None:

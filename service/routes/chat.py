@@ -13,11 +13,23 @@ from bulwark.cache import parse_cache_control
 from bulwark.errors import GatewayError, NotFound, PayloadTooLarge
 from bulwark.providers.base import StreamEvent
 from bulwark.wire import ChatRequest, ModelCard, ModelList, encoder
+from service.auth import check_model
 from service.chatreq import accepts_canned, wants_continuation
 from service.chatreq import check_limits as _check_limits
 from service.chatreq import decode_chat as _decode
 from service.dispatch import ClientGone, Fallback, Request
-from service.keys import DISPATCHER, MODELS, REQUEST_ID, ROUTER, SETTINGS, STREAMS
+from service.keys import (
+    CLIENT_KEY,
+    DISPATCHER,
+    METER,
+    MODELS,
+    RATE_HEADERS,
+    REQUEST_ID,
+    ROUTER,
+    SETTINGS,
+    STREAMS,
+)
+from service.ratelimit import MeteredSink
 
 routes = web.RouteTableDef()
 
@@ -39,6 +51,12 @@ def _deadline(request: web.Request, chat: ChatRequest, default: float) -> float:
             with contextlib.suppress(ValueError):
                 budget = min(budget, max(float(hint) * 0.95, 0.5))
     return time.monotonic() + budget
+
+
+def _scope(request: web.Request) -> str:
+    """Whose stored answers these are: one client key's never serve another's."""
+    key = request.get(CLIENT_KEY)
+    return "" if key is None else key.id
 
 
 def _chat_headers(rid: str, provider: str, attempts: int, fallback: Fallback,
@@ -63,26 +81,33 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             f"The request body is larger than {settings.max_body_bytes} bytes.") from None
     chat = _decode(body)
     _check_limits(chat, max_messages=settings.max_messages, max_chars=settings.max_message_chars)
+    # Before the model lookup: a key limited to some models learns nothing about others.
+    check_model(request, chat.model)
     if not request.app[ROUTER].has_model(chat.model):
         raise NotFound(f"The model {chat.model!r} does not exist.", code="model_not_found",
                        param="model")
+    meter = request.get(METER)  # a key with a tokens-per-minute limit
+    if meter is not None:
+        meter.request(chat)
     rid = request[REQUEST_ID]
     headers = request.headers
     cc = parse_cache_control(headers.get("Cache-Control"))
     req = Request(chat=chat, request_id=rid,
                   deadline=_deadline(request, chat, settings.request_timeout_sec),
                   passthrough=headers, no_store=cc.no_store, no_cache=cc.no_cache,
-                  accept_canned=accepts_canned(request),
+                  accept_canned=accepts_canned(request), cache_scope=_scope(request),
                   continue_stream=chat.stream and wants_continuation(
                       headers, request.app[MODELS].get(chat.model)))
     dispatcher = request.app[DISPATCHER]
     if not chat.stream:
         answer = await dispatcher.complete(req)
+        if meter is not None:
+            meter.completion(answer.completion.parsed)
         return web.Response(body=answer.completion.body, content_type="application/json",
                             headers=_chat_headers(rid, answer.provider, answer.attempts,
                                                   answer.fallback, answer.cache_age))
     sink = SseSink(request, rid)
-    await dispatcher.stream(req, sink)
+    await dispatcher.stream(req, sink if meter is None else MeteredSink(sink, meter))
     assert sink.response is not None  # stream() raises unless it started the response
     return sink.response
 
@@ -102,6 +127,7 @@ class SseSink:
                     cache_age: float | None = None) -> None:
         headers = _chat_headers(self._rid, provider, attempts, fallback, cache_age)
         headers.update(_SSE_HEADERS)
+        headers.update(self._request.get(RATE_HEADERS) or ())
         self.response = web.StreamResponse(status=200, headers=headers)
         try:
             await self.response.prepare(self._request)

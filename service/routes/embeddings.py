@@ -11,6 +11,7 @@ from aiohttp import web
 
 from bulwark.embeddings import EmbeddingRequest, check, encode_response, request_decoder
 from bulwark.errors import InvalidRequest, NotFound, PayloadTooLarge
+from service.auth import check_model
 from service.dispatch import EmbedRequest
 from service.keys import DISPATCHER, MODELS, REQUEST_ID, ROUTER, SETTINGS
 
@@ -45,6 +46,7 @@ async def embeddings(request: web.Request) -> web.Response:
         raise PayloadTooLarge(too_large) from None
     req = _decode(body)
     inputs = check(req)
+    check_model(request, req.model)  # before the lookup: a key learns nothing of others
     if not request.app[ROUTER].has_model(req.model):
         raise NotFound(f"The model {req.model!r} does not exist.", code="model_not_found",
                        param="model")

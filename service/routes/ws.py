@@ -43,6 +43,7 @@ from bulwark.errors import (
 from bulwark.providers.base import StreamEvent
 from bulwark.wire import StreamOptions, encoder
 from service import wsproto
+from service.auth import check_model
 from service.chatreq import accepts_canned, check_limits, decode_chat, wants_continuation
 from service.dispatch import Fallback, Request
 from service.edge import new_request_id
@@ -312,6 +313,7 @@ class Connection:
             chat = decode_chat(raw)
             check_limits(chat, max_messages=settings.max_messages,
                          max_chars=settings.max_message_chars)
+            check_model(self._request, chat.model)
             if not app[ROUTER].has_model(chat.model):
                 raise NotFound(f"The model {chat.model!r} does not exist.",
                                code="model_not_found", param="model")

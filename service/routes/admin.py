@@ -1,0 +1,339 @@
+"""The operator API: breakers, degradation and client keys for the whole fleet.
+
+Every action is written through the bus (fleet rows and provider rows in Postgres, with
+NOTIFY), so it holds on every web process and in healthd within the bus's propagation
+bound, whichever process took the call; each is recorded in `admin_audit` and logged.
+Bearer `BULWARK_ADMIN_TOKEN`, compared in constant time; with none configured every call
+is refused. Writes need Postgres: without one they answer 503 and say so.
+
+The dead-letter queue and the reliability report live beside these (their own modules).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from aiohttp import web
+from msgspec import Meta
+
+from bulwark import clientkeys, forced
+from bulwark.audit import clean, record_action
+from bulwark.bus import Bus, put_fleet_on
+from bulwark.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+)
+from bulwark.wire import encoder
+from service.keys import BUS, GUARD, ROUTER, SETTINGS, VIEW
+
+routes = web.RouteTableDef()
+
+T = TypeVar("T")
+
+#: What `source`/`updated_by` says for an operator's writes.
+SOURCE = "admin"
+#: The largest admin body we read: these are a few short fields.
+MAX_BODY = 16 * 1024
+#: Ten years: "no expiry" for expires_in_sec would be null; anything past this is a typo.
+MAX_EXPIRY_SEC = 10 * 365 * 86_400.0
+
+Level = Literal["normal", "minor", "moderate", "severe", "critical"]
+Reason = Annotated[str, Meta(min_length=1, max_length=500)]
+Expiry = Annotated[float, Meta(gt=0, le=MAX_EXPIRY_SEC)]
+
+
+class ForceOpen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    reason: Reason
+    expires_in_sec: Expiry | None = None
+
+
+class Reset(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    reason: Annotated[str, Meta(max_length=500)] = ""
+
+
+class SetDegradation(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    level: Level
+    reason: Reason
+    expires_in_sec: Expiry | None = None
+
+
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+_FIELD = re.compile(r"(?:missing required|unknown) field `([^`]*)`")
+
+
+def _invalid(err: msgspec.ValidationError) -> InvalidRequest:
+    text = str(err)
+    m, f = _PATH.search(text), _FIELD.search(text)
+    param = ".".join(p for p in ((m.group(1) if m else ""), (f.group(1) if f else "")) if p)
+    return InvalidRequest(f"Invalid request: {text}", code="invalid_request",
+                          param=param or None)
+
+
+async def _body(request: web.Request, kind: type[T], *, from_query: bool = False) -> T:
+    """The JSON body as `kind`; 400 naming the field when it does not fit."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise InvalidRequest(f"The body is larger than {MAX_BODY} bytes.", code="invalid_request")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise InvalidRequest(f"The body is larger than {MAX_BODY} bytes.", code="invalid_request")
+    try:
+        if raw.strip():
+            return msgspec.json.decode(raw, type=kind)
+        if from_query and request.query:
+            return msgspec.convert(dict(request.query), kind, strict=False)
+        # No body: the defaults, or a 400 naming the first required field.
+        return msgspec.convert({}, kind)
+    except msgspec.ValidationError as err:
+        raise _invalid(err) from None
+    except msgspec.DecodeError:
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+def authorize(request: web.Request) -> None:
+    """401 unless the request carries the admin token (constant-time comparison)."""
+    token = request.app[SETTINGS].admin_token
+    if not token:
+        raise AuthenticationFailed(
+            "The admin API is disabled: no BULWARK_ADMIN_TOKEN is configured.",
+            code="admin_disabled")
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    # Digests first: compare_digest on the raw values would leak the token's length.
+    ok = hmac.compare_digest(_digest(presented.strip()), _digest(token))
+    if scheme.lower() != "bearer" or not ok:
+        raise AuthenticationFailed("Missing or wrong admin token.", code="invalid_admin_token")
+
+
+def _who(request: web.Request) -> tuple[str, str]:
+    """(actor, address): the operator's self-declared name (`x-bulwark-operator`), and the
+    peer address the call came from."""
+    actor = clean(request.headers.get("x-bulwark-operator", "") or "admin", 100)
+    return actor, request.remote or ""
+
+
+def _bus(request: web.Request) -> Bus:
+    bus = request.app.get(BUS)
+    if bus is None:
+        raise ServiceUnavailable(
+            "Admin changes need the shared database, and this gateway has none "
+            "(DATABASE_URL is not set).", code="database_unavailable", retry_after=None)
+    return bus
+
+
+def _unavailable() -> GatewayError:
+    return ServiceUnavailable("The shared database cannot be reached; nothing was changed. "
+                              "Retry after the delay given.", code="database_unavailable",
+                              retry_after=2.0)
+
+
+async def _write(request: web.Request, what: str,
+                 op: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `op` in one transaction on the bus's pool; 503 when Postgres is unreachable."""
+    bus = _bus(request)
+
+    async def in_tx(conn: Any) -> tuple[T]:
+        async with conn.transaction():
+            return (await op(conn),)
+
+    # Boxed: an op may well return None, which bus.write uses for "unreachable".
+    result = await bus.write(what, in_tx)
+    if result is None:
+        raise _unavailable()
+    return result[0]
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=encoder.encode(body),
+                        content_type="application/json")
+
+
+def _provider(request: web.Request) -> str:
+    name = request.match_info["provider"]
+    if name not in request.app[ROUTER].runtimes:
+        raise NotFound(f"No provider is called {name!r}.", code="provider_not_found",
+                       param="provider")
+    return name
+
+
+def _live(value: Any, now: float) -> Any:
+    """A forced/override value, or None once it has expired."""
+    if not isinstance(value, dict):
+        return None
+    expires = value.get("expires_at")
+    if isinstance(expires, (int, float)) and expires <= now:
+        return None
+    return value
+
+
+# -- breakers ---------------------------------------------------------------------------------
+
+@routes.get("/admin/reliability/circuit-breakers")
+async def list_breakers(request: web.Request) -> web.Response:
+    authorize(request)
+    view, router = request.app[VIEW], request.app[ROUTER]
+    now = time.time()
+    out = []
+    for name, rt in sorted(router.runtimes.items()):
+        row = view.rows.get(name)
+        out.append({
+            "provider": name,
+            # The fleet's state (the shared row); this process's own breaker beside it.
+            "breaker": row.breaker if row is not None else str(rt.breaker.state),
+            "health": str(row.health) if row is not None else "unknown",
+            "reason": row.reason if row is not None else "",
+            "updated_by": row.updated_by if row is not None else "",
+            "open_for": row.open_for if row is not None else None,
+            "forced": _live(view.fleet_value(forced.key(name)), now),
+            "local": rt.breaker.snapshot(),
+        })
+    return _json({"breakers": out, "synced": view.synced})
+
+
+@routes.post("/admin/reliability/circuit-breakers/{provider}/force-open")
+async def force_open(request: web.Request) -> web.Response:
+    authorize(request)
+    name = _provider(request)
+    body = await _body(request, ForceOpen)
+    actor, address = _who(request)
+    now = time.time()
+    value = {"reason": clean(body.reason), "since": now,
+             "expires_at": None if body.expires_in_sec is None else now + body.expires_in_sec,
+             "by": f"{actor}@{address}"}
+
+    async def op(conn: Any) -> None:
+        await put_fleet_on(conn, forced.key(name), value, source=SOURCE)
+        await record_action(conn, action="breaker.force_open", target=name,
+                            reason=body.reason, actor=actor, address=address,
+                            detail={"expires_in_sec": body.expires_in_sec})
+
+    await _write(request, f"force-open {name}", op)
+    # The forced row already keeps every router off it; the breaker row says so to
+    # healthd, the status page and the breaker views.
+    row = await _bus(request).publish(name, breaker="open", reason=f"forced open: {body.reason}",
+                                      source=SOURCE, open_for=body.expires_in_sec)
+    if row is None:
+        raise _unavailable()
+    return _json({"provider": name, "breaker": "open", "forced": value})
+
+
+@routes.post("/admin/reliability/circuit-breakers/{provider}/reset")
+async def reset(request: web.Request) -> web.Response:
+    authorize(request)
+    name = _provider(request)
+    body = await _body(request, Reset)
+    actor, address = _who(request)
+
+    async def op(conn: Any) -> None:
+        await put_fleet_on(conn, forced.key(name), None, source=SOURCE)
+        await record_action(conn, action="breaker.reset", target=name, reason=body.reason,
+                            actor=actor, address=address)
+
+    await _write(request, f"reset {name}", op)
+    row = await _bus(request).publish(
+        name, breaker="closed", reason=f"reset by operator{': ' if body.reason else ''}"
+        f"{clean(body.reason)}", source=SOURCE)
+    if row is None:
+        raise _unavailable()
+    return _json({"provider": name, "breaker": "closed", "forced": None})
+
+
+# -- degradation ------------------------------------------------------------------------------
+
+OPERATOR_LEVEL = "degradation/operator"
+AUTO_LEVEL = "degradation/auto"
+
+
+@routes.post("/admin/reliability/degradation")
+async def set_degradation(request: web.Request) -> web.Response:
+    authorize(request)
+    body = await _body(request, SetDegradation, from_query=True)
+    actor, address = _who(request)
+    now = time.time()
+    value = {"level": body.level, "reason": clean(body.reason), "since": now,
+             "expires_at": None if body.expires_in_sec is None else now + body.expires_in_sec,
+             "by": f"{actor}@{address}"}
+
+    async def op(conn: Any) -> None:
+        await put_fleet_on(conn, OPERATOR_LEVEL, value, source=SOURCE)
+        await record_action(conn, action="degradation.set", target=body.level,
+                            reason=body.reason, actor=actor, address=address,
+                            detail={"expires_in_sec": body.expires_in_sec})
+
+    await _write(request, "set degradation", op)
+    return _json({"level": body.level, "source": "operator", **value})
+
+
+@routes.delete("/admin/reliability/degradation")
+async def clear_degradation(request: web.Request) -> web.Response:
+    authorize(request)
+    reason = request.query.get("reason", "")
+    actor, address = _who(request)
+
+    async def op(conn: Any) -> None:
+        await put_fleet_on(conn, OPERATOR_LEVEL, None, source=SOURCE)
+        await record_action(conn, action="degradation.clear", target="auto", reason=reason,
+                            actor=actor, address=address)
+
+    await _write(request, "clear degradation", op)
+    return _json({"source": "auto", "operator": None})
+
+
+@routes.get("/admin/reliability/degradation")
+async def get_degradation(request: web.Request) -> web.Response:
+    """The rows as this process holds them (operators check one process against another)."""
+    authorize(request)
+    view = request.app[VIEW]
+    operator = _live(view.fleet_value(OPERATOR_LEVEL), time.time())
+    auto = view.fleet_value(AUTO_LEVEL)
+    level = (operator or auto or {}).get("level", "normal")
+    return _json({"level": level, "source": "operator" if operator else "auto",
+                  "operator": operator, "auto": auto})
+
+
+# -- client keys ------------------------------------------------------------------------------
+
+@routes.get("/admin/keys")
+async def list_keys(request: web.Request) -> web.Response:
+    authorize(request)
+    records = await _write(request, "list keys", clientkeys.list_all)
+    # `loaded`: this process holds the record (and so enforces it): propagation, visible.
+    here = request.app[GUARD].loaded
+    return _json({"object": "list", "data": [
+        {**clientkeys.public(r), "loaded": here(r.id)} for r in records]})
+
+
+@routes.post("/admin/keys")
+async def create_key(request: web.Request) -> web.Response:
+    authorize(request)
+    new = await _body(request, clientkeys.NewKey)
+    actor, address = _who(request)
+    record, key = await _write(request, "create key", lambda conn: clientkeys.create(
+        conn, new, actor=actor, address=address, source=SOURCE))
+    # The only time the key is ever shown.
+    return _json({"key": key, **clientkeys.public(record)}, status=201)
+
+
+@routes.delete("/admin/keys/{key_id}")
+async def revoke_key(request: web.Request) -> web.Response:
+    authorize(request)
+    key_id = request.match_info["key_id"]
+    reason = clean(request.query.get("reason", ""))
+    actor, address = _who(request)
+    record = await _write(request, "revoke key", lambda conn: clientkeys.revoke(
+        conn, key_id, actor=actor, address=address, source=SOURCE, reason=reason))
+    if record is None:
+        raise NotFound(f"No client key has the id {key_id!r}.", code="key_not_found",
+                       param="id")
+    return _json(clientkeys.public(record))
