@@ -38,6 +38,7 @@ from aiohttp import web
 from bulwark.breaker import State
 from bulwark.bus import CONNECTION_ERRORS
 from bulwark.config import Provider, Settings
+from bulwark.degradation import effective
 from bulwark.history import EMPTY, History, recent_history
 from bulwark.state import FleetRow, Health, StateRow, View
 from service.router import Router
@@ -57,26 +58,8 @@ COALESCE_SEC = 0.05
 #: the newest.
 QUEUE_SIZE = 8
 DB_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
-LEVELS = ("normal", "minor", "moderate", "severe", "critical")
 
 _encode = msgspec.json.Encoder().encode
-
-
-def effective_degradation(view: View, now: float) -> dict[str, Any]:
-    """The fleet's level: an operator's unexpired override, else healthd's, else normal."""
-    op = view.fleet_value("degradation/operator")
-    if isinstance(op, dict) and op.get("level") in LEVELS and (
-            op.get("expires_at") is None or float(op["expires_at"]) > now):
-        return {"level": op["level"], "source": "operator", "reason": op.get("reason", ""),
-                "since": op.get("since"), "expires_at": op.get("expires_at")}
-    auto = view.fleet_value("degradation/auto")
-    if isinstance(auto, dict) and auto.get("level") in LEVELS:
-        return {"level": auto["level"], "source": "auto", "reason": auto.get("reason", ""),
-                "since": auto.get("since"), "expires_at": None}
-    return {"level": "normal", "source": "auto", "reason": "", "since": None,
-            "expires_at": None}
-
-
 def sse(event: str, data: bytes) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
 
@@ -203,7 +186,7 @@ class StatusBoard:
         else:
             shared = {"synced": False, "healthd": "off", "history": "off"}
         return {
-            "degradation": effective_degradation(self.view, now),
+            "degradation": msgspec.to_builtins(effective(self.view, now)[1]),
             "providers": providers,
             "incidents": [msgspec.to_builtins(i) for i in hist.incidents],
             "errors": [msgspec.to_builtins(e) for e in hist.errors],

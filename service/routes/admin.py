@@ -25,6 +25,7 @@ from msgspec import Meta
 from bulwark import clientkeys, forced
 from bulwark.audit import clean, record_action
 from bulwark.bus import Bus, put_fleet_on
+from bulwark.degradation import AUTO_KEY, OPERATOR_KEY, effective
 from bulwark.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -251,8 +252,7 @@ async def reset(request: web.Request) -> web.Response:
 
 # -- degradation ------------------------------------------------------------------------------
 
-OPERATOR_LEVEL = "degradation/operator"
-AUTO_LEVEL = "degradation/auto"
+
 
 
 @routes.post("/admin/reliability/degradation")
@@ -266,7 +266,7 @@ async def set_degradation(request: web.Request) -> web.Response:
              "by": f"{actor}@{address}"}
 
     async def op(conn: Any) -> None:
-        await put_fleet_on(conn, OPERATOR_LEVEL, value, source=SOURCE)
+        await put_fleet_on(conn, OPERATOR_KEY, value, source=SOURCE)
         await record_action(conn, action="degradation.set", target=body.level,
                             reason=body.reason, actor=actor, address=address,
                             detail={"expires_in_sec": body.expires_in_sec})
@@ -282,7 +282,7 @@ async def clear_degradation(request: web.Request) -> web.Response:
     actor, address = _who(request)
 
     async def op(conn: Any) -> None:
-        await put_fleet_on(conn, OPERATOR_LEVEL, None, source=SOURCE)
+        await put_fleet_on(conn, OPERATOR_KEY, None, source=SOURCE)
         await record_action(conn, action="degradation.clear", target="auto", reason=reason,
                             actor=actor, address=address)
 
@@ -295,11 +295,9 @@ async def get_degradation(request: web.Request) -> web.Response:
     """The rows as this process holds them (operators check one process against another)."""
     authorize(request)
     view = request.app[VIEW]
-    operator = _live(view.fleet_value(OPERATOR_LEVEL), time.time())
-    auto = view.fleet_value(AUTO_LEVEL)
-    level = (operator or auto or {}).get("level", "normal")
-    return _json({"level": level, "source": "operator" if operator else "auto",
-                  "operator": operator, "auto": auto})
+    _, status = effective(view, time.time())
+    return _json({**msgspec.to_builtins(status), "operator": view.fleet_value(OPERATOR_KEY),
+                  "auto": view.fleet_value(AUTO_KEY)})
 
 
 # -- client keys ------------------------------------------------------------------------------
