@@ -24,6 +24,7 @@ Times come from the database's clock (`now()`), never from the caller's host.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Any, Protocol
 
@@ -122,6 +123,17 @@ def _outages(events: list[Any], since: float) -> dict[str, Any]:
         "mttr_sec": round(sum(durations) / len(durations), 3) if durations else None,
         "open_at_end": started is not None,
     }
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0, "w": 604_800.0}
+
+
+def duration_sec(text: str) -> float:
+    """"24h", "30m", "7d", "90s", "1w" or plain seconds, as seconds (> 0)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a duration like 24h, 30m, 7d or 3600")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
 
 
 async def reliability_report(conn: Conn, since_sec: float) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,9 +17,8 @@ import asyncpg
 
 from bulwark.bus import CONNECTION_ERRORS
 from bulwark.config import ConfigError, settings_from_env
-from bulwark.report import format_report, reliability_report
+from bulwark.report import duration_sec, format_report, reliability_report
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0, "w": 604_800.0}
 #: Connecting and reading must not hang a terminal on an unreachable database.
 CONNECT_TIMEOUT_SEC = 5.0
 QUERY_TIMEOUT_SEC = 30.0
@@ -28,12 +26,11 @@ _DB_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresE
 
 
 def parse_duration(text: str) -> float:
-    """"24h", "30m", "7d", "90s", "1w" or plain seconds, as seconds (> 0)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
-    if m is None or float(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration like 24h, 30m, 7d or 3600")
-    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    """argparse's view of `bulwark.report.duration_sec`."""
+    try:
+        return duration_sec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 async def _fetch(dsn: str, since_sec: float) -> dict[str, Any]:

@@ -277,3 +277,26 @@ async def test_expired_key_is_401_and_metrics_token(sim: SimFactory, gateway: Ga
     assert (status, body["error"]["code"]) == (401, "invalid_api_key")
     status, _, _ = await call(gw, "GET", "/metrics", token="metrics-secret-0123456789")
     assert status != 401
+
+
+async def test_reliability_report_endpoint(
+        sim: SimFactory, gateway: GatewayFactory, pg_clean: str, db: asyncpg.Connection) -> None:
+    """The admin report serves what the history tables say over `?since=`; a bad period is
+    a 400 naming `since`; it needs the admin token."""
+    gw, _, _ = await make(sim, gateway, pg_clean)
+    await db.execute("insert into providers (name, kind, base_url, models) values "
+                     "('alpha', 'openai', 'http://x', '{}'), ('beta', 'openai', 'http://y', '{}')")
+    await db.execute("insert into health_samples (provider, ok) values ('alpha', true), "
+                     "('alpha', false), ('beta', true)")
+    await db.execute("insert into service_errors (provider, error_class) values "
+                     "('alpha', 'server_error')")
+    status, body, _ = await call(gw, "GET", "/admin/reliability/reports/reliability?since=1h")
+    assert status == 200, body
+    by_name = body["providers"]
+    assert by_name["alpha"]["availability"] == 0.5
+    assert by_name["alpha"]["failures_by_class"] == {"server_error": 1}
+    assert by_name["beta"]["availability"] == 1.0
+    status, body, _ = await call(gw, "GET", "/admin/reliability/reports/reliability?since=soon")
+    assert (status, body["error"]["param"]) == (400, "since")
+    status, _, _ = await call(gw, "GET", "/admin/reliability/reports/reliability", token=None)
+    assert status == 401

@@ -33,6 +33,7 @@ from bulwark.errors import (
     NotFound,
     ServiceUnavailable,
 )
+from bulwark.report import duration_sec, reliability_report
 from bulwark.wire import encoder
 from service.keys import BUS, GUARD, ROUTER, SETTINGS, VIEW
 
@@ -153,6 +154,20 @@ async def _write(request: web.Request, what: str,
     if result is None:
         raise _unavailable()
     return result[0]
+
+
+async def _read(request: web.Request, what: str,
+                op: Callable[[Any], Awaitable[T]]) -> T:
+    """Run a read on the bus's pool; 503 when Postgres is unreachable."""
+    result = await _bus(request).write(what, lambda conn: _boxed(op, conn))
+    if result is None:
+        raise _unavailable()
+    return result[0]
+
+
+async def _boxed(op: Callable[[Any], Awaitable[T]], conn: Any) -> tuple[T]:
+    # Boxed: an op may well return None, which bus.write uses for "unreachable".
+    return (await op(conn),)
 
 
 def _json(body: object, status: int = 200) -> web.Response:
@@ -298,6 +313,24 @@ async def get_degradation(request: web.Request) -> web.Response:
     _, status = effective(view, time.time())
     return _json({**msgspec.to_builtins(status), "operator": view.fleet_value(OPERATOR_KEY),
                   "auto": view.fleet_value(AUTO_KEY)})
+
+
+# -- reports --------------------------------------------------------------------------------
+
+@routes.get("/admin/reliability/reports/reliability")
+async def reliability(request: web.Request) -> web.Response:
+    """The reliability report over `?since=` (24h by default): one Postgres read, on the
+    admin path only. The same figures as `python -m healthd report`."""
+    authorize(request)
+    try:
+        since = duration_sec(request.query.get("since", "24h"))
+    except ValueError as err:
+        raise InvalidRequest(str(err), code="invalid_since", param="since") from None
+
+    async def op(conn: Any) -> dict[str, Any]:
+        return await reliability_report(conn, since)
+
+    return _json(await _read(request, "reliability report", op))
 
 
 # -- client keys ------------------------------------------------------------------------------
