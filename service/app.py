@@ -17,11 +17,11 @@ from bulwark.errors import ServiceUnavailable
 from bulwark.providers.registry import make_adapter
 from bulwark.retry import Backoff
 from bulwark.state import View
-from service import keys
+from service import cors, keys, openapi
 from service.dispatch import Dispatcher
 from service.edge import edge
 from service.router import ProviderRuntime, Router
-from service.routes import chat, health
+from service.routes import chat, feedback, health
 from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync, run_sync
 
@@ -44,6 +44,9 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app[keys.STREAMS] = OpenStreams()
     app.add_routes(chat.routes)
     app.add_routes(health.routes)
+    app.add_routes(feedback.routes)
+    app.add_routes(openapi.routes)
+    cors.install(app, settings.cors_origins)
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # One pool for all providers. 1000 sockets bound memory per process; 500 per host
@@ -87,6 +90,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
             return
         bus = Bus(settings.database_url, app[keys.VIEW], name=sync.name)
         await bus.start()
+        app[keys.BUS] = bus
         recorder = app[keys.ERRORS]
         flusher = asyncio.create_task(recorder.run(bus), name="service-errors")
         try:
@@ -117,4 +121,5 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(router_ctx)
     app.cleanup_ctx.append(bus_ctx)
+    app.cleanup_ctx.append(openapi.document_ctx)
     return app

@@ -21,7 +21,7 @@ from bulwark.errors import (
     PayloadTooLarge,
 )
 from bulwark.wire import encoder
-from service.keys import REQUEST_ID
+from service.keys import CORS, REQUEST_ID
 
 log = logging.getLogger("bulwark.web")
 
@@ -66,12 +66,37 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     return InvalidRequest(exc.reason or "Invalid request.")
 
 
+def _method_not_allowed(request: web.Request, exc: web.HTTPMethodNotAllowed,
+                        rid: str) -> web.Response:
+    # No route answers OPTIONS: a CORS preflight arrives here, off the happy path.
+    cors = request.app.get(CORS) if request.method == "OPTIONS" else None
+    if cors is not None:
+        try:
+            preflight = cors.preflight(request, exc.allowed_methods)
+        except GatewayError as err:
+            return error_response(err, rid)
+        if preflight is not None:
+            preflight.headers["x-request-id"] = rid
+            return preflight
+    resp = error_response(_MethodNotAllowed("Method not allowed on this path."), rid)
+    resp.headers["Allow"] = ",".join(sorted(exc.allowed_methods))
+    return resp
+
+
 @web.middleware
 async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = request.headers.get("x-request-id", "")
     if not _valid_request_id(rid):
         rid = new_request_id()
     request[REQUEST_ID] = rid
+    # Every route's body is bounded here, before its handler runs, whether or not the
+    # handler reads it (aiohttp itself checks only when a handler reads); a body sent
+    # without Content-Length is bounded by client_max_size when read.
+    if request.body_exists:
+        length = request.content_length
+        if length is not None and length > request.client_max_size:
+            return error_response(PayloadTooLarge(
+                f"The request body is larger than {request.client_max_size} bytes."), rid)
     try:
         resp = await handler(request)
     except GatewayError as err:
@@ -79,6 +104,8 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            return _method_not_allowed(request, exc, rid)
         return error_response(_from_http_exception(exc), rid)
     except msgspec.MsgspecError:  # pragma: no cover - decoders are wrapped where used
         log.exception("unhandled decode error", extra={"request_id": rid})

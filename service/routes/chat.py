@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 
 import aiohttp
-import msgspec
 from aiohttp import web
 
 from bulwark.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
 from bulwark.providers.base import StreamEvent
-from bulwark.wire import ChatRequest, ModelCard, ModelList, encoder, request_decoder
+from bulwark.wire import (
+    ChatCompletion,
+    ChatRequest,
+    Chunk,
+    ModelCard,
+    ModelList,
+    encoder,
+    request_decoder,
+)
 from service.dispatch import ClientGone, Fallback, Request
-from service.keys import DISPATCHER, REQUEST_ID, ROUTER, SETTINGS, STREAMS
+from service.inputs import decode_body
+from service.keys import DISPATCHER, MODELS, REQUEST_ID, ROUTER, SETTINGS, STREAMS
+from service.openapi import Body, describe
 
 routes = web.RouteTableDef()
 
-_PATH = re.compile(r"at `\$\.?([^`]*)`")
-_FIELD = re.compile(r"(?:missing required|unknown) field `([^`]*)`")
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -30,18 +36,7 @@ _SSE_HEADERS = {
 
 
 def _decode(body: bytes) -> ChatRequest:
-    try:
-        return request_decoder.decode(body)
-    except msgspec.ValidationError as err:
-        text = str(err)
-        m, f = _PATH.search(text), _FIELD.search(text)
-        where = m.group(1) if m else ""
-        field = f.group(1) if f else ""
-        param = ".".join(p for p in (where, field) if p) or None
-        raise InvalidRequest(f"Invalid request: {text}", code="invalid_request",
-                             param=param) from None
-    except msgspec.DecodeError:
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+    return decode_body(body, request_decoder)
 
 
 def _check_limits(chat: ChatRequest, *, max_messages: int, max_chars: int) -> None:
@@ -74,7 +69,33 @@ def _chat_headers(rid: str, provider: str, attempts: int, fallback: Fallback) ->
             "x-bulwark-attempts": str(attempts), "x-bulwark-fallback": fallback}
 
 
+_ANSWER_HEADERS = ("x-bulwark-provider", "x-bulwark-attempts", "x-bulwark-fallback")
+_MAYBE_HEADERS = ("x-bulwark-degradation", "x-bulwark-cache-age")
+
+
+def _examples(app: web.Application) -> dict[str, object]:
+    policies = app[MODELS]
+    models = sorted(policies)
+    model = models[0] if models else "default"
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hello!"}]}
+    return {"answer": chat, "stream": {**chat, "stream": True}}
+
+
 @routes.post("/v1/chat/completions")
+@describe(
+    "Create a chat completion", tags=("chat",),
+    request=Body(ChatRequest, examples=_examples),
+    description=(
+        "OpenAI's chat completions. With `\"stream\": true` the answer is Server-Sent "
+        "Events: each `data:` line a `chat.completion.chunk`, ending `data: [DONE]`; or, "
+        "if the answer cannot be completed, one final error event (`{\"error\": …}`) "
+        "and no `[DONE]`."),
+    responses={200: (
+        Body(ChatCompletion, headers=_ANSWER_HEADERS, optional_headers=_MAYBE_HEADERS),
+        Body(media="text/event-stream", events=Chunk, headers=_ANSWER_HEADERS,
+             optional_headers=_MAYBE_HEADERS),
+    )},
+    errors=(404, 502, 503, 504))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
@@ -179,6 +200,7 @@ class SseSink:
 
 
 @routes.get("/v1/models")
+@describe("List the gateway's models", tags=("chat",), responses={200: ModelList})
 async def list_models(request: web.Request) -> web.Response:
     cards = [ModelCard(id=m) for m in request.app[ROUTER].models()]
     return web.Response(body=encoder.encode(ModelList(data=cards)), content_type="application/json")
