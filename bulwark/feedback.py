@@ -12,10 +12,14 @@ the id exists: ids may be older than any retention, and the feedback is worth ke
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, Protocol
+import asyncio
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
+
+if TYPE_CHECKING:
+    from bulwark.bus import Bus
 
 Scale = Literal["thumbs", "stars"]
 
@@ -155,6 +159,46 @@ async def insert_feedback(conn: Querier, fb: FeedbackRequest, *,
     return Feedback(id=f"fb_{rec['id']}", request_id=fb.request_id, rating=fb.rating,
                     scale=scale, score=fb.score, comment=fb.comment, tags=list(fb.tags),
                     created_at=int(rec["created_at"]))
+
+
+class FeedbackWriter:
+    """Stores feedback through the bus's write pool, one INSERT at a time.
+
+    The pool is small (two connections) and also carries breaker transitions and error
+    rows: holding at most one of them for feedback keeps the other for the bus's own
+    writes under a flood of feedback. A feedback that cannot get its turn and its INSERT
+    done within `timeout_sec` is not stored (None): the route answers 503.
+    """
+
+    def __init__(self, bus: Bus, *, timeout_sec: float = 2.0) -> None:
+        self._bus = bus
+        self._turn = asyncio.Semaphore(1)
+        self.timeout_sec = timeout_sec
+        #: Feedbacks waiting for their turn / being written (at most one).
+        self.queued = 0
+        self.writing = 0
+
+    async def store(self, fb: FeedbackRequest, *,
+                    client_key_id: str | None = None) -> Feedback | None:
+        async def op(conn: Querier) -> Feedback:
+            return await insert_feedback(conn, fb, client_key_id=client_key_id)
+
+        self.queued += 1
+        waiting = True
+        try:
+            async with asyncio.timeout(self.timeout_sec), self._turn:
+                self.queued -= 1
+                waiting = False
+                self.writing += 1
+                try:
+                    return await self._bus.write("feedback", op)
+                finally:
+                    self.writing -= 1
+        except TimeoutError:
+            return None
+        finally:
+            if waiting:
+                self.queued -= 1
 
 
 _WINDOW = "at >= now() - make_interval(secs => $1::float8)"

@@ -14,6 +14,7 @@ from bulwark.breaker import Breaker, BreakerConfig
 from bulwark.bus import Bus
 from bulwark.config import DEFAULT_POLICY, ModelPolicy, Provider, Settings
 from bulwark.errors import ServiceUnavailable
+from bulwark.feedback import FeedbackWriter
 from bulwark.providers.registry import make_adapter
 from bulwark.retry import Backoff
 from bulwark.state import View
@@ -90,7 +91,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
             return
         bus = Bus(settings.database_url, app[keys.VIEW], name=sync.name)
         await bus.start()
-        app[keys.BUS] = bus
+        app[keys.FEEDBACK] = FeedbackWriter(bus)
         recorder = app[keys.ERRORS]
         flusher = asyncio.create_task(recorder.run(bus), name="service-errors")
         try:

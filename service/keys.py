@@ -5,8 +5,8 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from bulwark.bus import Bus
 from bulwark.config import ModelPolicy, Provider, Settings
+from bulwark.feedback import FeedbackWriter
 from bulwark.state import View
 from service.cors import Cors
 from service.dispatch import Dispatcher
@@ -18,9 +18,8 @@ SETTINGS = web.AppKey("settings", Settings)
 PROVIDERS = web.AppKey("providers", list[Provider])
 #: Every served model's `[models.<name>]` policy (defaults where the file has none).
 MODELS = web.AppKey("models", dict[str, ModelPolicy])
-#: The state bus (absent without DATABASE_URL): its write pool serves short writes of
-#: routes that must be stored before they answer (feedback).
-BUS = web.AppKey("bus", Bus)
+#: Absent without DATABASE_URL: feedback is then not stored (503).
+FEEDBACK = web.AppKey("feedback", FeedbackWriter)
 #: The OpenAPI document (service/openapi.py), encoded once at start-up.
 OPENAPI = web.AppKey("openapi", bytes)
 #: Present only when BULWARK_CORS_ORIGINS is set (service/cors.py).

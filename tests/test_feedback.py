@@ -3,6 +3,7 @@ cannot be), and summarised for the reliability report."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from typing import Any
 
@@ -11,9 +12,12 @@ import asyncpg
 import pytest
 from multidict import CIMultiDict
 
+from bulwark.bus import Bus
 from bulwark.config import Settings
-from bulwark.feedback import feedback_summary
+from bulwark.feedback import FeedbackRequest, FeedbackWriter, feedback_summary
+from bulwark.state import View
 from tests.conftest import Gateway, GatewayFactory, SimFactory, provider
+from tests.procs import until
 
 pytestmark = pytest.mark.slow
 
@@ -179,3 +183,35 @@ async def test_summary_for_the_reliability_report(db: asyncpg.Connection) -> Non
     await db.execute("UPDATE feedback SET at = at - interval '3 hours'")
     empty = await feedback_summary(db, 3600)
     assert (empty.count, empty.score_mean, empty.top_tags) == (0, None, [])
+
+
+async def test_feedback_never_takes_the_whole_bus_pool(db: asyncpg.Connection,
+                                                       pg_clean: str) -> None:
+    """Feedback is written one INSERT at a time: while one is stuck (the table locked),
+    the next ones give up within the bound (not stored: the route's 503) and the bus's own
+    writes still go through its other connection."""
+    fb = FeedbackRequest(request_id="r", rating=1)
+    async with Bus(pg_clean, View(), name="feedback-test") as bus:
+        writer = FeedbackWriter(bus, timeout_sec=1.0)
+        async with db.transaction():
+            await db.execute("LOCK TABLE feedback IN ACCESS EXCLUSIVE MODE")
+            stuck = asyncio.create_task(writer.store(fb))
+            waiting = asyncio.create_task(writer.store(fb))
+
+            async def lock_waiters() -> int:
+                # Statistics views are a snapshot per transaction: take a fresh one.
+                await db.execute("SELECT pg_stat_clear_snapshot()")
+                return int(await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%INSERT INTO feedback%'"))
+
+            # The first INSERT is in, holding a connection; the second waits for its turn.
+            await until(lock_waiters, within=5, what="the first INSERT waiting on the lock")
+            assert (writer.writing, writer.queued) == (1, 1)
+            assert await bus.put_fleet("test/feedback", {"ok": True}, source="t") is not None
+            assert await lock_waiters() == 1
+            assert await stuck is None
+            assert await waiting is None
+        stored = await writer.store(fb)
+        assert stored is not None
+    assert await db.fetchval("SELECT count(*) FROM feedback") == 1

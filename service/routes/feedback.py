@@ -1,9 +1,9 @@
 """`POST /v1/feedback`: a user's rating of an answer, stored before the 201.
 
 Unlike the chat path, this route waits on Postgres: a 201 means the feedback is stored.
-It is one INSERT on the bus's write pool, bounded by the bus's write timeout (2 s), and
-nothing on the chat path waits for it. Without a database — none configured, or
-unreachable — the answer is 503 `feedback_unavailable`.
+It is one INSERT on the bus's write pool (`FeedbackWriter`: one at a time, 2 s at most
+including the wait for its turn), and nothing on the chat path waits for it. Without a
+database — none configured, or unreachable — the answer is 503 `feedback_unavailable`.
 """
 
 from __future__ import annotations
@@ -12,15 +12,9 @@ import msgspec
 from aiohttp import web
 
 from bulwark.errors import ServiceUnavailable
-from bulwark.feedback import (
-    MAX_BODY_BYTES,
-    Feedback,
-    FeedbackRequest,
-    Querier,
-    insert_feedback,
-)
+from bulwark.feedback import MAX_BODY_BYTES, Feedback, FeedbackRequest
 from service.inputs import decode_body, read_body
-from service.keys import BUS
+from service.keys import FEEDBACK
 from service.openapi import Body, describe
 
 routes = web.RouteTableDef()
@@ -48,16 +42,12 @@ RETRY_AFTER_SEC = 5.0
     responses={201: Feedback}, errors=(503,))
 async def post_feedback(request: web.Request) -> web.Response:
     fb = decode_body(await read_body(request, MAX_BODY_BYTES), _decoder)
-    bus = request.app.get(BUS)
-    if bus is None:
+    writer = request.app.get(FEEDBACK)
+    if writer is None:
         raise ServiceUnavailable("Feedback cannot be stored: this gateway runs without a "
                                  "database.", code="feedback_unavailable", should_retry=False)
-
     # Client keys (once they exist) will name the key's id here; never the key itself.
-    async def insert(conn: Querier) -> Feedback:
-        return await insert_feedback(conn, fb, client_key_id=None)
-
-    stored = await bus.write("feedback", insert)
+    stored = await writer.store(fb, client_key_id=None)
     if stored is None:
         raise ServiceUnavailable("Feedback cannot be stored right now; retry after the "
                                  "delay given.", code="feedback_unavailable",
