@@ -1,4 +1,5 @@
-"""The one middleware every request passes: request id in, errors out as OpenAI JSON.
+"""The one middleware every request passes: request id in, body bound, errors out as
+OpenAI JSON (and, when CORS is configured, preflights answered: service/cors.py).
 
 Kept to a single middleware on purpose: each aiohttp middleware is another coroutine frame
 on every request, and this path is measured against a bare proxy.
@@ -59,8 +60,6 @@ class _MethodNotAllowed(GatewayError):
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     if exc.status == 404:
         return NotFound("Unknown path.", code="not_found")
-    if exc.status == 405:
-        return _MethodNotAllowed("Method not allowed on this path.")
     if exc.status == 413:
         return PayloadTooLarge("The request body is too large.")
     return InvalidRequest(exc.reason or "Invalid request.")
