@@ -7,6 +7,7 @@ environment or the file on the request path.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -82,6 +83,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: provider) before it is refused with Retry-After: long enough to ride out a burst,
     #: short against any client's timeout.
     bulkhead_wait_ms: Annotated[float, Meta(ge=0)] = 100.0
+    #: Browser origins allowed to call the API (`*`: any); empty: no CORS headers at all.
+    cors_origins: tuple[str, ...] = ()
 
 
 _ENV_MAP = {
@@ -131,9 +134,26 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
     if "log_format" in raw:
         raw["log_format"] = raw["log_format"].lower()
     try:
-        return msgspec.convert(raw, Settings, strict=False)
+        settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as err:
         raise ConfigError(f"invalid environment: {err}") from err
+    origins = cors_origins(env.get("BULWARK_CORS_ORIGINS", ""))
+    return msgspec.structs.replace(settings, cors_origins=origins) if origins else settings
+
+
+_ORIGIN = re.compile(r"^https?://[^/?#\s]+$")
+
+
+def cors_origins(raw: str) -> tuple[str, ...]:
+    """`BULWARK_CORS_ORIGINS`: comma-separated origins (`https://chat.example.com`), or
+    `*`. An origin is scheme://host[:port], no path: that is what a browser sends."""
+    origins = tuple(dict.fromkeys(
+        o.strip().rstrip("/").lower() for o in raw.split(",") if o.strip()))
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise ConfigError(f"BULWARK_CORS_ORIGINS: {origin!r} is not an origin "
+                              "(scheme://host[:port]) or *")
+    return ("*",) if "*" in origins else origins
 
 
 ProviderKind = Literal["openai", "anthropic", "gemini", "sim"]

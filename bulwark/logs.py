@@ -116,6 +116,24 @@ class TextFormatter(_Redacting):
         return line
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (a NUL in a header, a broken chunked body)
+    as an ERROR with a traceback, then answers 400 itself. It is the client's mistake, and
+    a way for anyone to flood our error logs: one INFO line instead, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or not 400 <= (exc.code or 400) < 500:
+            return True
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args = "malformed request refused with %s: %s", (
+            exc.code, " ".join(str(exc.message).split())[:200])
+        record.exc_info, record.exc_text = None, None
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
 def setup_logging(level: str = "INFO", fmt: Literal["json", "text"] = "json", *,
                   secrets: Iterable[str] = (), stream: TextIO | None = None) -> logging.Handler:
     """Route every logger to one stderr handler; idempotent (replaces our earlier handler)."""
@@ -128,6 +146,11 @@ def setup_logging(level: str = "INFO", fmt: Literal["json", "text"] = "json", *,
         if old.get_name() == "bulwark":
             root.removeHandler(old)
     root.addHandler(handler)
+    server = logging.getLogger("aiohttp.server")
+    for f in list(server.filters):
+        if isinstance(f, _MalformedRequests):
+            server.removeFilter(f)
+    server.addFilter(_MalformedRequests())
     # An unknown LOG_LEVEL falls back to INFO rather than refusing to start over a typo.
     root.setLevel(logging.getLevelNamesMapping().get(level.upper(), logging.INFO))
     return handler

@@ -17,10 +17,11 @@ from bulwark.cache import ResponseCache
 from bulwark.config import DEFAULT_POLICY, ModelPolicy, Provider, Settings
 from bulwark.degradation import Degradation
 from bulwark.errors import ServiceUnavailable
+from bulwark.feedback import FeedbackWriter
 from bulwark.providers.registry import make_adapter
 from bulwark.retry import Backoff
 from bulwark.state import View
-from service import keys
+from service import cors, keys, openapi
 from service.auth import Guard
 from service.bulkhead import Bulkhead
 from service.dispatch import Dispatcher
@@ -33,6 +34,7 @@ from service.routes import (
     chat,
     degradation,
     embeddings,
+    feedback,
     health,
     health_detailed,
     status,
@@ -75,6 +77,9 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app.on_response_prepare.append(degradation.stamp)
     ws.install(app, settings)
     app.add_routes(admin.routes)
+    app.add_routes(feedback.routes)
+    app.add_routes(openapi.routes)
+    cors.install(app, settings.cors_origins)
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # One pool for all providers. 1000 sockets bound memory per process; 500 per host
@@ -131,6 +136,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
         app[keys.WS].store.listen(bus)  # its NOTIFY channel: before start()
         await bus.start()
         app[keys.BUS] = bus
+        app[keys.FEEDBACK] = FeedbackWriter(bus)
         recorder = app[keys.ERRORS]
         flusher = asyncio.create_task(recorder.run(bus), name="service-errors")
 
@@ -189,4 +195,6 @@ def create_app(settings: Settings, providers: list[Provider], *,
     status.setup(app)
     app.add_routes(health_detailed.routes)
     app.cleanup_ctx.append(ws.ws_ctx)
+    # Last: the document describes every route added above.
+    app.cleanup_ctx.append(openapi.document_ctx)
     return app

@@ -3,7 +3,6 @@ the same decoder, the same bounds, the same OpenAI-shaped 400 naming the paramet
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import msgspec
@@ -12,29 +11,17 @@ from aiohttp import web
 from bulwark.config import ModelPolicy
 from bulwark.errors import InvalidRequest
 from bulwark.wire import ChatRequest, request_decoder
-
-_PATH = re.compile(r"at `\$\.?([^`]*)`")
-_FIELD = re.compile(r"(?:missing required|unknown) field `([^`]*)`")
+from service.inputs import decode_body, error_param
 
 
 def param_of(err: msgspec.ValidationError) -> str | None:
     """The parameter a msgspec validation error is about, as OpenAI names it
     (`messages[0].role`, `temperature`, or the unknown field itself)."""
-    text = str(err)
-    m, f = _PATH.search(text), _FIELD.search(text)
-    where = m.group(1) if m else ""
-    field = f.group(1) if f else ""
-    return ".".join(p for p in (where, field) if p) or None
+    return error_param(str(err))
 
 
 def decode_chat(body: bytes) -> ChatRequest:
-    try:
-        return request_decoder.decode(body)
-    except msgspec.ValidationError as err:
-        raise InvalidRequest(f"Invalid request: {err}", code="invalid_request",
-                             param=param_of(err)) from None
-    except msgspec.DecodeError:
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+    return decode_body(body, request_decoder)
 
 
 def check_limits(chat: ChatRequest, *, max_messages: int, max_chars: int) -> None:

@@ -1,4 +1,5 @@
-"""The one middleware every request passes: request id in, errors out as OpenAI JSON.
+"""The one middleware every request passes: request id in, body bound, errors out as
+OpenAI JSON (and, when CORS is configured, preflights answered: service/cors.py).
 
 Kept to a single middleware on purpose: each aiohttp middleware is another coroutine frame
 on every request, and this path is measured against a bare proxy.
@@ -21,7 +22,7 @@ from bulwark.errors import (
     PayloadTooLarge,
 )
 from bulwark.wire import encoder
-from service.keys import GUARD, RATE_HEADERS, REQUEST_ID
+from service.keys import CORS, GUARD, RATE_HEADERS, REQUEST_ID
 
 log = logging.getLogger("bulwark.web")
 
@@ -62,11 +63,26 @@ class _MethodNotAllowed(GatewayError):
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     if exc.status == 404:
         return NotFound("Unknown path.", code="not_found")
-    if exc.status == 405:
-        return _MethodNotAllowed("Method not allowed on this path.")
     if exc.status == 413:
         return PayloadTooLarge("The request body is too large.")
     return InvalidRequest(exc.reason or "Invalid request.")
+
+
+def _method_not_allowed(request: web.Request, exc: web.HTTPMethodNotAllowed,
+                        rid: str) -> web.Response:
+    # No route answers OPTIONS: a CORS preflight arrives here, off the happy path.
+    cors = request.app.get(CORS) if request.method == "OPTIONS" else None
+    if cors is not None:
+        try:
+            preflight = cors.preflight(request, exc.allowed_methods)
+        except GatewayError as err:
+            return error_response(err, rid)
+        if preflight is not None:
+            preflight.headers["x-request-id"] = rid
+            return preflight
+    resp = error_response(_MethodNotAllowed("Method not allowed on this path."), rid)
+    resp.headers["Allow"] = ",".join(sorted(exc.allowed_methods))
+    return resp
 
 
 @web.middleware
@@ -75,6 +91,14 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not _valid_request_id(rid):
         rid = new_request_id()
     request[REQUEST_ID] = rid
+    # Every route's body is bounded here, before its handler runs, whether or not the
+    # handler reads it (aiohttp itself checks only when a handler reads); a body sent
+    # without Content-Length is bounded by client_max_size when read.
+    if request.body_exists:
+        length = request.content_length
+        if length is not None and length > request.client_max_size:
+            return error_response(PayloadTooLarge(
+                f"The request body is larger than {request.client_max_size} bytes."), rid)
     # Client keys, rate limits and the process bulkhead (service/auth.py) for the API;
     # while no key exists that is a counter and one boolean.
     guard = request.app[GUARD]
@@ -94,6 +118,8 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            return _method_not_allowed(request, exc, rid)
         return error_response(_from_http_exception(exc), rid)
     except msgspec.MsgspecError:  # pragma: no cover - decoders are wrapped where used
         log.exception("unhandled decode error", extra={"request_id": rid})

@@ -12,7 +12,9 @@ from bulwark.cache import ResponseCache
 from bulwark.clientkeys import KeyRecord
 from bulwark.config import ModelPolicy, Provider, Settings
 from bulwark.degradation import Degradation
+from bulwark.feedback import FeedbackWriter
 from bulwark.state import View
+from service.cors import Cors
 from service.dispatch import Dispatcher
 from service.observers import RecentFailures
 from service.ratelimit import Meter
@@ -29,6 +31,12 @@ SETTINGS = web.AppKey("settings", Settings)
 PROVIDERS = web.AppKey("providers", list[Provider])
 #: Every served model's `[models.<name>]` policy (defaults where the file has none).
 MODELS = web.AppKey("models", dict[str, ModelPolicy])
+#: Absent without DATABASE_URL: feedback is then not stored (503).
+FEEDBACK = web.AppKey("feedback", FeedbackWriter)
+#: The OpenAPI document (service/openapi.py), encoded once at start-up.
+OPENAPI = web.AppKey("openapi", bytes)
+#: Present only when BULWARK_CORS_ORIGINS is set (service/cors.py).
+CORS = web.AppKey("cors", Cors)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 VIEW = web.AppKey("view", View)
 ROUTER = web.AppKey("router", Router)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from bulwark.config import ProviderConfig, Settings, resolve
 from bulwark.logs import add_secrets, provider_secrets, setup_logging
+from tests.pg import eventually
 
 SECRET = "alpha-secret-value-1234"
 
@@ -89,3 +93,23 @@ def test_provider_secrets_reads_the_named_variables() -> None:
     providers = [resolve(c, Settings()) for c in cfgs]
     env = {"A_KEY": SECRET, "B_KEY": "xy"}
     assert provider_secrets(providers, env) == (SECRET,)
+
+
+async def test_a_malformed_request_is_one_info_line(restore_root: None,
+                                                     aiohttp_server: Any) -> None:
+    """A request aiohttp cannot parse (a NUL in a header) is answered 400 and logged as one
+    INFO line without a traceback, not as an ERROR anyone could flood the logs with."""
+    out = io.StringIO()
+    setup_logging("INFO", "json", stream=out)
+    server = await aiohttp_server(web.Application())
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Probe: \x00\r\n\r\n")
+    status = await reader.readline()
+    writer.close()
+    assert b" 400 " in status
+    await eventually(lambda: "malformed request" in out.getvalue())
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    refused = [d for d in lines if d["logger"] == "aiohttp.server"]
+    assert [d["level"] for d in refused] == ["INFO"]
+    assert "exc" not in refused[0]
+    assert refused[0]["msg"].startswith("malformed request refused with 400")

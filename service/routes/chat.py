@@ -12,7 +12,7 @@ from aiohttp import web
 from bulwark.cache import parse_cache_control
 from bulwark.errors import GatewayError, NotFound, PayloadTooLarge
 from bulwark.providers.base import StreamEvent
-from bulwark.wire import ChatRequest, ModelCard, ModelList, encoder
+from bulwark.wire import ChatCompletion, ChatRequest, Chunk, ModelCard, ModelList, encoder
 from service.auth import check_model
 from service.chatreq import accepts_canned, wants_continuation
 from service.chatreq import check_limits as _check_limits
@@ -29,6 +29,7 @@ from service.keys import (
     SETTINGS,
     STREAMS,
 )
+from service.openapi import Body, describe
 from service.ratelimit import MeteredSink
 
 routes = web.RouteTableDef()
@@ -69,7 +70,33 @@ def _chat_headers(rid: str, provider: str, attempts: int, fallback: Fallback,
     return headers
 
 
+_ANSWER_HEADERS = ("x-bulwark-provider", "x-bulwark-attempts", "x-bulwark-fallback")
+_MAYBE_HEADERS = ("x-bulwark-degradation", "x-bulwark-cache-age")
+
+
+def _examples(app: web.Application) -> dict[str, object]:
+    policies = app[MODELS]
+    models = sorted(policies)
+    model = models[0] if models else "default"
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hello!"}]}
+    return {"answer": chat, "stream": {**chat, "stream": True}}
+
+
 @routes.post("/v1/chat/completions")
+@describe(
+    "Create a chat completion", tags=("chat",),
+    request=Body(ChatRequest, examples=_examples),
+    description=(
+        "OpenAI's chat completions. With `\"stream\": true` the answer is Server-Sent "
+        "Events: each `data:` line a `chat.completion.chunk`, ending `data: [DONE]`; or, "
+        "if the answer cannot be completed, one final error event (`{\"error\": …}`) "
+        "and no `[DONE]`."),
+    responses={200: (
+        Body(ChatCompletion, headers=_ANSWER_HEADERS, optional_headers=_MAYBE_HEADERS),
+        Body(media="text/event-stream", events=Chunk, headers=_ANSWER_HEADERS,
+             optional_headers=_MAYBE_HEADERS),
+    )},
+    errors=(404, 502, 503, 504))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
@@ -188,6 +215,7 @@ class SseSink:
 
 
 @routes.get("/v1/models")
+@describe("List the gateway's models", tags=("chat",), responses={200: ModelList})
 async def list_models(request: web.Request) -> web.Response:
     cards = [ModelCard(id=m) for m in request.app[ROUTER].models()]
     return web.Response(body=encoder.encode(ModelList(data=cards)), content_type="application/json")

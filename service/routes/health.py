@@ -8,12 +8,16 @@ from aiohttp import web
 
 from bulwark.breaker import State
 from bulwark.wire import encoder
+from service.bodies import BreakerList, HealthBody
 from service.keys import ROUTER, SETTINGS, VIEW
+from service.openapi import Body, describe
 
 routes = web.RouteTableDef()
 
 Status = Literal["pass", "warn", "fail"]
 HEALTH_JSON = "application/health+json"
+_PASS_WARN = Body(HealthBody, media=HEALTH_JSON, description="pass or warn")
+_FAIL = Body(HealthBody, media=HEALTH_JSON, description="fail: route traffic elsewhere")
 
 
 def _health(status: Status, checks: dict[str, list[dict[str, object]]] | None = None,
@@ -26,6 +30,7 @@ def _health(status: Status, checks: dict[str, list[dict[str, object]]] | None = 
 
 
 @routes.get("/health/live")
+@describe("Liveness: restart me?", tags=("health",), responses={200: _PASS_WARN})
 async def live(request: web.Request) -> web.Response:
     """Restart me? Only if this process cannot answer at all: no dependency is checked."""
     return _health("pass")
@@ -55,6 +60,8 @@ def readiness(app: web.Application) -> tuple[Status, dict[str, list[dict[str, ob
 
 
 @routes.get("/health/ready")
+@describe("Readiness: route traffic here?", tags=("health",),
+          responses={200: _PASS_WARN, 503: _FAIL})
 async def ready(request: web.Request) -> web.Response:
     """Route traffic here? warn = serving on local state only; fail = nothing can answer."""
     status, checks = readiness(request.app)
@@ -62,12 +69,15 @@ async def ready(request: web.Request) -> web.Response:
 
 
 @routes.get("/health")
+@describe("Health (as readiness)", tags=("health",), responses={200: _PASS_WARN, 503: _FAIL})
 async def health(request: web.Request) -> web.Response:
     status, checks = readiness(request.app)
     return _health(status, checks)
 
 
 @routes.get("/health/circuit-breakers")
+@describe("This process's circuit breakers", tags=("health",),
+          responses={200: BreakerList})
 async def circuit_breakers(request: web.Request) -> web.Response:
     router = request.app[ROUTER]
     body = {name: rt.breaker.snapshot() for name, rt in sorted(router.runtimes.items())}
