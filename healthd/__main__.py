@@ -21,6 +21,7 @@ import msgspec
 from bulwark.breaker import BreakerConfig
 from bulwark.bus import retention_days
 from bulwark.config import ConfigError, Provider, Settings, load_providers, settings_from_env
+from bulwark.jobstore import jobs_config
 from bulwark.logs import provider_secrets, setup_logging
 from healthd.app import Healthd, HealthdConfig, default_holder
 
@@ -41,6 +42,7 @@ def build_config(settings: Settings, env: Mapping[str, str]) -> HealthdConfig:
             "printed by `python -m bulwark.pgembed start`).")
     try:
         keep_days = retention_days(env)
+        jobs = jobs_config(env)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     breaker = msgspec.structs.replace(
@@ -54,6 +56,7 @@ def build_config(settings: Settings, env: Mapping[str, str]) -> HealthdConfig:
         breaker=breaker,
         retention_days=keep_days,
         retry_after_cap=settings.retry_after_cap_sec,
+        jobs=jobs,
     )
 
 

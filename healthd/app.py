@@ -29,9 +29,11 @@ from aiohttp.resolver import AsyncResolver
 from bulwark.breaker import BreakerConfig, Transition
 from bulwark.bus import CONNECTION_ERRORS, Bus, HealthSample, prune
 from bulwark.config import Provider
+from bulwark.jobstore import JobsConfig
 from bulwark.providers.base import Adapter, ProbeResult
 from bulwark.providers.registry import make_adapter
 from bulwark.state import Health, StateRow, View
+from healthd.dlq import DlqReplayer
 from healthd.leader import DB_ERRORS, LeaderLock
 from healthd.probe import ProbeLoop
 from healthd.recovery import SOURCE, Recovery
@@ -59,6 +61,8 @@ class HealthdConfig(msgspec.Struct, frozen=True, kw_only=True):
     scoring: ScoringConfig = msgspec.field(default_factory=ScoringConfig)
     retention_days: float = 7.0
     retry_after_cap: float = 10.0
+    #: DLQ replay pace and jobs retention (bulwark/jobstore.py, docs/JOBS.md).
+    jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
 
     @property
     def fence_sec(self) -> float:
@@ -335,9 +339,13 @@ class Healthd:
             loops[adapter.provider.name] = ProbeLoop(adapter, interval=cfg.interval,
                                                      handler=term)
         self.term = term
+        dlq = DlqReplayer(cfg.dsn, self.view, self.providers,
+                          replay_per_sec=cfg.jobs.replay_per_sec,
+                          retention_days=cfg.jobs.retention_days,
+                          tick_sec=min(cfg.interval, 1.0))
         jobs: list[Coroutine[Any, Any, None]] = [
             term.publish_forever(), term.recovery_timer(),
-            term.flush_samples(), term.upsert_providers(), term.retention(),
+            term.flush_samples(), term.upsert_providers(), term.retention(), dlq.run(),
             *(loop.run() for loop in loops.values()),
         ]
         watch = asyncio.create_task(self._watch(lock), name="healthd-watch")

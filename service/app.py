@@ -20,8 +20,9 @@ from bulwark.state import View
 from service import keys
 from service.dispatch import Dispatcher
 from service.edge import edge
+from service.jobs import jobs_contexts
 from service.router import ProviderRuntime, Router
-from service.routes import chat, health
+from service.routes import chat, health, jobs
 from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync, run_sync
 
@@ -44,6 +45,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app[keys.STREAMS] = OpenStreams()
     app.add_routes(chat.routes)
     app.add_routes(health.routes)
+    app.add_routes(jobs.routes)
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # One pool for all providers. 1000 sockets bound memory per process; 500 per host
@@ -86,6 +88,8 @@ def create_app(settings: Settings, providers: list[Provider], *,
                 yield
             return
         bus = Bus(settings.database_url, app[keys.VIEW], name=sync.name)
+        if keys.JOBS in app:
+            app[keys.JOBS].attach(bus)  # LISTEN for jobs: before start()
         await bus.start()
         recorder = app[keys.ERRORS]
         flusher = asyncio.create_task(recorder.run(bus), name="service-errors")
@@ -116,5 +120,15 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app.cleanup_ctx.append(streams_ctx)
     app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(router_ctx)
+    # Durable jobs need Postgres: their store before the bus (which LISTENs for them), their
+    # worker after it (torn down first, returning its leases while the pool is still open).
+    wiring = None if not settings.database_url else jobs_contexts(
+        settings, env, jobs_key=keys.JOBS, dispatcher_key=keys.DISPATCHER,
+        router_key=keys.ROUTER)
+    if wiring is not None:
+        app.cleanup_ctx.append(wiring.store)
     app.cleanup_ctx.append(bus_ctx)
+    if wiring is not None:
+        app.cleanup_ctx.append(wiring.worker)
+        app.on_shutdown.append(wiring.on_shutdown)
     return app

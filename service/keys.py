@@ -8,6 +8,7 @@ from aiohttp import web
 from bulwark.config import ModelPolicy, Provider, Settings
 from bulwark.state import View
 from service.dispatch import Dispatcher
+from service.jobs import Jobs
 from service.router import Router
 from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync
@@ -25,4 +26,9 @@ ERRORS = web.AppKey("errors", ErrorRecorder)
 #: Open SSE streams, so that shutdown can end them with an error event, never silently.
 STREAMS = web.AppKey("streams", OpenStreams)
 
+#: Durable jobs, the DLQ and idempotency keys (only with DATABASE_URL).
+JOBS = web.AppKey("jobs", Jobs)
+
 REQUEST_ID = web.RequestKey("request_id", str)
+#: The SSE bytes of a stream as written, for an Idempotency-Key to store (service/idempotency).
+IDEMPOTENCY_RECORD = web.RequestKey("idempotency_record", list[bytes])
