@@ -143,6 +143,7 @@ class Jobs:
         self._dlq_lock = asyncio.Lock()
         # Counters for metrics and tests; monotonic.
         self.claimed = 0
+        self.claim_rounds = 0
         self.finished: dict[str, int] = {}
         self.lost_leases = 0
         router.view.subscribe(self._on_provider_row)
@@ -256,6 +257,7 @@ class Jobs:
         except DB_ERRORS as err:
             self._db_trouble("claim", err)
             return
+        self.claim_rounds += 1
         if not self._db_ok:
             log.info("jobs: database reachable again")
             self._db_ok = True
