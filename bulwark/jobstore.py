@@ -203,7 +203,7 @@ WITH picked AS (
     SELECT id FROM chat_jobs
     WHERE (status = 'queued' AND not_before <= now()
            AND (model = ANY($3::text[]) OR age_from < now() - make_interval(secs => $4)))
-       OR (status = 'running' AND lease_until < now())
+       OR (status = 'running' AND lease_until < now() AND NOT id = ANY($6::text[]))
     ORDER BY not_before
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -218,9 +218,11 @@ RETURNING j.id, j.model, j.request::text AS request, j.attempts, j.callback_url,
 
 
 async def claim(conn: Conn, *, worker: str, limit: int, models: list[str],
-                max_age_sec: float, lease_sec: float) -> list[Job]:
-    """Take up to `limit` runnable jobs for `worker`; each claim counts one attempt."""
-    rows = await conn.fetch(_CLAIM, worker, limit, models, max_age_sec, lease_sec)
+                max_age_sec: float, lease_sec: float, running: list[str]) -> list[Job]:
+    """Take up to `limit` runnable jobs for `worker`; each claim counts one attempt.
+    `running`: the worker's own jobs, whose leases may have expired while Postgres was
+    away — they are still running here, not abandoned."""
+    rows = await conn.fetch(_CLAIM, worker, limit, models, max_age_sec, lease_sec, running)
     return [Job(id=r["id"], model=r["model"], request=r["request"].encode(),
                 attempts=r["attempts"], age_sec=r["age_sec"], callback_url=r["callback_url"])
             for r in rows]
@@ -359,12 +361,17 @@ async def purge_dead(conn: Conn, *, model: str | None = None,
 
 
 # Oldest first, only those that died before the model recovered: a job that dies again
-# after this recovery waits for the next one instead of cycling through replays.
+# after this recovery waits for the next one instead of cycling through replays. And only
+# as many as leave at most `limit` replayed jobs not yet claimed (attempts still 0): if
+# workers cannot take them now, they must not pile up and then go upstream all at once.
 _REPLAY: Final = f"""
-WITH picked AS (
+WITH backlog AS (
+    SELECT count(*) AS n FROM chat_jobs
+    WHERE status = 'queued' AND model = $1 AND replays > 0 AND attempts = 0
+), picked AS (
     SELECT id FROM chat_jobs
     WHERE status = 'dead' AND model = $1 AND dead_at < $2
-    ORDER BY dead_at LIMIT $3
+    ORDER BY dead_at LIMIT greatest(0, $3 - (SELECT n FROM backlog))
     FOR UPDATE SKIP LOCKED
 ), r AS (
     UPDATE chat_jobs j SET status = 'queued', attempts = 0, replays = j.replays + 1,

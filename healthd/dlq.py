@@ -17,6 +17,7 @@ breaker not open; the moment is taken on the database's clock, as `dead_at` is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -70,6 +71,13 @@ class DlqReplayer:
         self._next_at = 0.0
         self._batch = max(1, math.ceil(replay_per_sec * _MIN_STEP_SEC))
         self._step = self._batch / replay_per_sec
+        # Woken by every shared-state change, so that a recovery's moment is taken within
+        # milliseconds: a job that dies after it (the provider answers probes but fails
+        # this job) is not replayed by this recovery. The view has no unsubscribe; a term
+        # ends rarely, and an ended replayer ignores the calls.
+        self._wake = asyncio.Event()
+        self._active = True
+        view.subscribe(self._on_row)
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -77,6 +85,10 @@ class DlqReplayer:
                 self.dsn, timeout=5, command_timeout=10,
                 server_settings={"application_name": "healthd dlq"})
         return self._conn
+
+    def _on_row(self, _row: object) -> None:
+        if self._active:
+            self._wake.set()
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -99,9 +111,12 @@ class DlqReplayer:
                     log.warning("dlq: database unreachable (%s); will retry",
                                 type(err).__name__)
                     await self.close()
-                # The view is in memory: looking at it every tick costs nothing.
-                await asyncio.sleep(self.tick_sec)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.tick_sec):
+                        await self._wake.wait()
+                self._wake.clear()
         finally:
+            self._active = False
             await self.close()
 
     async def step(self) -> None:
@@ -136,7 +151,9 @@ class DlqReplayer:
             if n:
                 self.replayed += n
                 log.info("dlq: replayed %d dead jobs", n, extra={"model": model})
-            if n < batch:
+            if n == 0:
+                # Nothing left, or the replayed ones are not claimed yet (workers busy or
+                # unable): look again at the next tick.
                 return
 
     async def prune(self) -> None:

@@ -253,7 +253,8 @@ class Jobs:
         try:
             claimed = await _retrying(lambda: jobstore.claim(
                 self.pool, worker=self.name, limit=free, models=models,
-                max_age_sec=self.config.max_age_sec, lease_sec=self.config.lease_sec))
+                max_age_sec=self.config.max_age_sec, lease_sec=self.config.lease_sec,
+                running=list(self._running)))
         except DB_ERRORS as err:
             self._db_trouble("claim", err)
             return
