@@ -83,7 +83,7 @@ class DlqReplayer:
         if self._conn is None or self._conn.is_closed():
             self._conn = await asyncpg.connect(
                 self.dsn, timeout=5, command_timeout=10,
-                server_settings={"application_name": "healthd dlq"})
+                server_settings={"application_name": "bulwark-dlq"})
         return self._conn
 
     def _on_row(self, _row: object) -> None:
