@@ -380,14 +380,30 @@ WITH backlog AS (
     FROM picked WHERE j.id = picked.id
     RETURNING j.id
 )
-SELECT count(*) AS n, CASE WHEN count(*) > 0 THEN pg_notify('{CHANNEL}', $1) END FROM r
+SELECT coalesce(array_agg(r.id), '{{}}') AS ids,
+    CASE WHEN count(*) > 0 THEN pg_notify('{CHANNEL}', $1) END
+FROM r
 """  # noqa: S608
 
 
-async def replay_dead(conn: Conn, *, model: str, died_before: Any, limit: int) -> int:
+async def replay_dead(conn: Conn, *, model: str, died_before: Any, limit: int) -> list[str]:
     """Requeue up to `limit` of a model's dead jobs that died before `died_before` (a
-    timestamptz from the database's clock); the number requeued."""
-    return int(await conn.fetchval(_REPLAY, model, died_before, limit))
+    timestamptz from the database's clock); the ids requeued."""
+    return list(await conn.fetchval(_REPLAY, model, died_before, limit))
+
+
+_CLAIMED_AGO: Final = """
+SELECT CASE WHEN bool_and(status <> 'queued')
+            THEN extract(epoch FROM now() - max(updated_at))::float8 END
+FROM chat_jobs WHERE id = ANY($1::text[])
+"""
+
+
+async def claimed_ago(conn: Conn, ids: list[str]) -> float | None:
+    """Seconds since the last of these jobs was claimed (or finished, which is later), or
+    None while one is still queued. Database clock only."""
+    value = await conn.fetchval(_CLAIMED_AGO, ids)
+    return None if value is None else float(value)
 
 
 async def prune(conn: Conn, *, keep_days: float) -> dict[str, int]:

@@ -70,7 +70,9 @@ class DlqReplayer:
         # the pace holds fleet-wide whatever number of models recover together.
         self._next_at = 0.0
         self._batch = max(1, math.ceil(replay_per_sec * _MIN_STEP_SEC))
-        self._step = self._batch / replay_per_sec
+        # 2% above batch/pace: the upstream requests start a few ms after the claims, and
+        # that jitter must not squeeze one batch too many into some second.
+        self._step = self._batch / replay_per_sec * 1.02
         # Woken by every shared-state change, so that a recovery's moment is taken within
         # milliseconds: a job that dies after it (the provider answers probes but fails
         # this job) is not replayed by this recovery. The view has no unsubscribe; a term
@@ -134,27 +136,37 @@ class DlqReplayer:
             await self._replay_model(model, since)
 
     async def _replay_model(self, model: str, since: datetime) -> None:
+        """Replay a batch, wait until workers have claimed it, then leave `step` before the
+        next: the interval is measured from the claims (when upstream requests start),
+        not from the replays, so that workers picking jobs up late cannot bunch them."""
         loop = asyncio.get_running_loop()
+        pending: list[str] = []
+        waiting_since = loop.time()
         while model in self.recovered_at:
-            # Sleep up to the next slot, never a burst to catch up: the pace is a ceiling
-            # over any window, not an average.
+            conn = await self._connection()
+            if pending:
+                ago = await jobstore.claimed_ago(conn, pending)
+                if ago is None:
+                    if loop.time() - waiting_since > self.tick_sec:
+                        return  # not taken (workers busy or unable): look again later
+                    await asyncio.sleep(min(self._step, _MIN_STEP_SEC))
+                    continue
+                pending = []
+                self._next_at = max(self._next_at, loop.time() + self._step - ago)
             delay = self._next_at - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             if model not in recovered_models(self.view, self.providers):
                 self.recovered_at.pop(model, None)
                 return
-            conn = await self._connection()
-            batch = self._batch
-            n = await jobstore.replay_dead(conn, model=model, died_before=since, limit=batch)
-            self._next_at = max(self._next_at, loop.time()) + self._step * n / batch
-            if n:
-                self.replayed += n
-                log.info("dlq: replayed %d dead jobs", n, extra={"model": model})
-            if n == 0:
-                # Nothing left, or the replayed ones are not claimed yet (workers busy or
-                # unable): look again at the next tick.
-                return
+            pending = await jobstore.replay_dead(conn, model=model, died_before=since,
+                                                 limit=self._batch)
+            if not pending:
+                return  # nothing left (or an earlier replay still unclaimed)
+            waiting_since = loop.time()
+            self._next_at = loop.time() + self._step
+            self.replayed += len(pending)
+            log.info("dlq: replayed %d dead jobs", len(pending), extra={"model": model})
 
     async def prune(self) -> None:
         conn = await self._connection()

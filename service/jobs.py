@@ -470,6 +470,12 @@ class Wiring(NamedTuple):
     on_shutdown: Callable[[web.Application], Awaitable[None]]
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """No reset query when a connection goes back to the pool: asyncpg's default one
+    (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL) is a second round trip per statement,
+    and nothing here leaves session state behind (no SET, LISTEN, cursor or lock)."""
+
+
 def jobs_contexts(settings: Settings, env: Mapping[str, str] | None, *,
                   jobs_key: web.AppKey[Jobs], dispatcher_key: web.AppKey[Dispatcher],
                   router_key: web.AppKey[Router]) -> Wiring:
@@ -483,6 +489,7 @@ def jobs_contexts(settings: Settings, env: Mapping[str, str] | None, *,
             settings.database_url,
             min_size=0,  # starts (and keeps serving live traffic) with Postgres down
             max_size=config.db_pool_size, timeout=5.0, command_timeout=COMMAND_TIMEOUT_SEC,
+            reset=_keep_session,
             server_settings={"application_name": f"bulwark-jobs {process_name()}"[:63]})
         # Its own session: receivers are arbitrary hosts, unlike the providers' pool, and
         # each delivery attempt is traced to be recorded.
