@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,3 +227,23 @@ async def test_dead_jobs_are_replayed_once_after_recovery_paced(
     assert len(times) == 8
     busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
     assert busiest <= PACE + 1, times
+
+
+async def test_sigterm_returns_the_lease(sim: SimFactory, spawn: Spawn, pg_clean: str,
+                                         db: asyncpg.Connection, tmp_path: Path) -> None:
+    """SIGTERM of the web process running a job: it exits 0 within honcho's grace, and the
+    job is queued again at once, its interrupted attempt not counted, no lease held."""
+    alpha = await sim("alpha")
+    providers = write_providers(tmp_path / "p.toml", [alpha])
+    web = await start_web(spawn, pg_clean, providers, free_port(),
+                          **{**JOB_ENV, "BULWARK_JOBS_LEASE_SEC": "60"})
+    await alpha.script(steps=[{"latency_ms": 60_000}])
+    job_id = await submit(web, "interrupted")
+    await until(job_status(web, job_id, "running"), what="running")
+    web.daemon.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(web.daemon.proc.wait(), 10) == 0
+    row = await db.fetchrow("select status, attempts, leased_by, lease_until from chat_jobs "
+                            "where id = $1", job_id)
+    assert row is not None
+    assert (row["status"], row["attempts"], row["leased_by"], row["lease_until"]) == (
+        "queued", 0, None, None)
