@@ -10,7 +10,10 @@ error event once a stream has started)::
     ├── AuthenticationFailed          401     authentication_error
     ├── PermissionDenied              403     permission_error
     ├── NotFound                      404     invalid_request_error (model_not_found, not_found)
+    ├── Conflict                      409     invalid_request_error (idempotency key in use,
+    │                                                                job not cancellable)
     ├── PayloadTooLarge               413     invalid_request_error
+    ├── Unprocessable                 422     invalid_request_error (idempotency key reused)
     ├── RateLimited                   429     rate_limit_error      + Retry-After
     ├── BadGateway                    502     api_error
     ├── ServiceUnavailable            503     api_error             + Retry-After
@@ -103,6 +106,18 @@ class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
     default_code = "not_found"
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class Unprocessable(GatewayError):
+    status = 422
+    type = "invalid_request_error"
+    default_code = "unprocessable"
 
 
 class PayloadTooLarge(GatewayError):

@@ -38,20 +38,6 @@ from bulwark.wire import (
 CANNED_FINGERPRINT = "bulwark-canned"
 
 
-def _with_object(body: bytes, kind: bytes) -> bytes:
-    # The wire Structs omit defaults, `object` among them; OpenAI always sends it. A Struct
-    # with a required `id` always encodes as a non-empty JSON object, so this is safe.
-    return b'{"object":"' + kind + b'",' + body[1:]
-
-
-def encode_completion(parsed: ChatCompletion) -> bytes:
-    return _with_object(encoder.encode(parsed), b"chat.completion")
-
-
-def encode_chunk(chunk: Chunk) -> bytes:
-    return _with_object(encoder.encode(chunk), b"chat.completion.chunk")
-
-
 class _Choice:
     __slots__ = ("finish_reason", "parts", "refusal", "role", "tools")
 
@@ -107,7 +93,7 @@ def assemble(chunks: Sequence[Chunk]) -> bytes | None:
             tool_calls=tools if tools else msgspec.UNSET,
             refusal="".join(acc.refusal) if acc.refusal else msgspec.UNSET)
         out.append(Choice(index=index, message=message, finish_reason=acc.finish_reason))
-    return encode_completion(ChatCompletion(
+    return encoder.encode(ChatCompletion(
         id=first.id, created=first.created, model=first.model, choices=out, usage=usage,
         system_fingerprint=fingerprint))
 
@@ -167,7 +153,7 @@ def events_of(parsed: ChatCompletion, *, include_usage: bool) -> list[StreamEven
         chunk(usage=parsed.usage or Usage())
     last = len(chunks) - 1
     # All of it is here at once: `more` lets the sink write it in one go.
-    return [StreamEvent(encode_chunk(ch), ch, i < last) for i, ch in enumerate(chunks)]
+    return [StreamEvent(encoder.encode(ch), ch, i < last) for i, ch in enumerate(chunks)]
 
 
 def canned(text: str, model: str) -> Completion:
@@ -176,7 +162,7 @@ def canned(text: str, model: str) -> Completion:
         id=f"chatcmpl-canned-{uuid.uuid4().hex}", created=int(time.time()), model=model,
         choices=[Choice(message=ResponseMessage(content=text), finish_reason="stop")],
         usage=Usage(), system_fingerprint=CANNED_FINGERPRINT)
-    return Completion(encode_completion(parsed), parsed)
+    return Completion(encoder.encode(parsed), parsed)
 
 
 def relabel(body: bytes, model: str) -> bytes:

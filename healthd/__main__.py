@@ -29,6 +29,7 @@ from bulwark.config import (
     load_providers,
     settings_from_env,
 )
+from bulwark.jobstore import jobs_config
 from bulwark.logs import provider_secrets, setup_logging
 from healthd.app import Healthd, HealthdConfig, default_holder
 from healthd.degradation import degrade_main
@@ -51,6 +52,7 @@ def build_config(settings: Settings, env: Mapping[str, str],
             "printed by `python -m bulwark.pgembed start`).")
     try:
         keep_days = retention_days(env)
+        jobs = jobs_config(env)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     breaker = msgspec.structs.replace(
@@ -66,6 +68,7 @@ def build_config(settings: Settings, env: Mapping[str, str],
         retry_after_cap=settings.retry_after_cap_sec,
         cache_keep_sec=cache_keep_sec,
         cache_max_bytes=settings.cache_store_max_bytes,
+        jobs=jobs,
     )
 
 

@@ -31,10 +31,12 @@ from bulwark.breaker import BreakerConfig, Transition
 from bulwark.bus import CONNECTION_ERRORS, Bus, HealthSample, prune
 from bulwark.cache import prune as prune_cache
 from bulwark.config import Provider
+from bulwark.jobstore import JobsConfig
 from bulwark.providers.base import Adapter, ProbeResult
 from bulwark.providers.registry import make_adapter
 from bulwark.state import FleetRow, Health, StateRow, View
 from healthd.degradation import publish_auto
+from healthd.dlq import DlqReplayer
 from healthd.leader import DB_ERRORS, LeaderLock
 from healthd.probe import ProbeLoop
 from healthd.recovery import SOURCE, Recovery
@@ -66,6 +68,8 @@ class HealthdConfig(msgspec.Struct, frozen=True, kw_only=True):
     cache_keep_sec: float = 86_400.0
     #: … and the oldest beyond this many bytes in total.
     cache_max_bytes: int = 1 << 30
+    #: DLQ replay pace and jobs retention (bulwark/jobstore.py, docs/JOBS.md).
+    jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
 
     @property
     def fence_sec(self) -> float:
@@ -363,9 +367,13 @@ class Healthd:
             loops[adapter.provider.name] = ProbeLoop(adapter, interval=cfg.interval,
                                                      handler=term)
         self.term = term
+        dlq = DlqReplayer(cfg.dsn, self.view, self.providers,
+                          replay_per_sec=cfg.jobs.replay_per_sec,
+                          retention_days=cfg.jobs.retention_days,
+                          tick_sec=min(cfg.interval, 1.0))
         jobs: list[Coroutine[Any, Any, None]] = [
             term.publish_forever(), term.recovery_timer(),
-            term.flush_samples(), term.upsert_providers(), term.retention(),
+            term.flush_samples(), term.upsert_providers(), term.retention(), dlq.run(),
             publish_auto(bus, self.view, self.providers, cfg.interval),
             *(loop.run() for loop in loops.values()),
         ]

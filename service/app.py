@@ -26,6 +26,7 @@ from service.auth import Guard
 from service.bulkhead import Bulkhead
 from service.dispatch import Dispatcher
 from service.edge import edge
+from service.jobs import jobs_contexts
 from service.observers import Observers, RecentFailures
 from service.ratelimit import Limiter, PgStore
 from service.router import ProviderRuntime, Router
@@ -37,6 +38,7 @@ from service.routes import (
     feedback,
     health,
     health_detailed,
+    jobs,
     status,
     ws,
 )
@@ -78,6 +80,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
     ws.install(app, settings)
     app.add_routes(admin.routes)
     app.add_routes(feedback.routes)
+    app.add_routes(jobs.routes)
     app.add_routes(openapi.routes)
     cors.install(app, settings.cors_origins)
 
@@ -134,6 +137,8 @@ def create_app(settings: Settings, providers: list[Provider], *,
             return
         bus = Bus(settings.database_url, app[keys.VIEW], name=sync.name)
         app[keys.WS].store.listen(bus)  # its NOTIFY channel: before start()
+        if keys.JOBS in app:
+            app[keys.JOBS].attach(bus)  # LISTEN for jobs: before start()
         await bus.start()
         app[keys.BUS] = bus
         app[keys.FEEDBACK] = FeedbackWriter(bus)
@@ -190,11 +195,21 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app.cleanup_ctx.append(streams_ctx)
     app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(router_ctx)
+    # Durable jobs need Postgres: their store before the bus (which LISTENs for them), their
+    # worker after it (torn down first, returning its leases while the pool is still open).
+    wiring = None if not settings.database_url else jobs_contexts(
+        settings, env, jobs_key=keys.JOBS, dispatcher_key=keys.DISPATCHER,
+        router_key=keys.ROUTER)
+    if wiring is not None:
+        app.cleanup_ctx.append(wiring.store)
     app.cleanup_ctx.append(bus_ctx)
     app.cleanup_ctx.append(cache_ctx)
     status.setup(app)
     app.add_routes(health_detailed.routes)
     app.cleanup_ctx.append(ws.ws_ctx)
+    if wiring is not None:
+        app.cleanup_ctx.append(wiring.worker)
+        app.on_shutdown.append(wiring.on_shutdown)
     # Last: the document describes every route added above.
     app.cleanup_ctx.append(openapi.document_ctx)
     return app

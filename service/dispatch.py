@@ -105,6 +105,11 @@ class QueueInstead(Exception):
     """The plan's last step: nothing can answer now and the client accepts a job
     (`Prefer: respond-async`); the caller stores the request as a job and answers 202."""
 
+    def __init__(self, err: GatewayError | None = None) -> None:
+        super().__init__()
+        #: What the client gets instead should the job store itself be unreachable.
+        self.err = err
+
 
 class Request(NamedTuple):
     chat: ChatRequest
@@ -240,7 +245,7 @@ class Dispatcher:
             return Answer(canned(p.policy.canned_reply, req.chat.model), CANNED_PROVIDER,
                           attempts, "canned")
         if req.may_queue:
-            raise QueueInstead
+            raise QueueInstead(err)
         raise err
 
     def _critical(self) -> GatewayError:

@@ -16,6 +16,7 @@ from bulwark.feedback import FeedbackWriter
 from bulwark.state import View
 from service.cors import Cors
 from service.dispatch import Dispatcher
+from service.jobs import Jobs
 from service.observers import RecentFailures
 from service.ratelimit import Meter
 from service.router import Router
@@ -62,6 +63,9 @@ BUS = web.AppKey("bus", Bus)
 #: sets the request keys below, so importing it here would be circular.
 GUARD: web.AppKey[Guard] = web.AppKey("guard")
 
+#: Durable jobs, the DLQ and idempotency keys (only with DATABASE_URL).
+JOBS = web.AppKey("jobs", Jobs)
+
 REQUEST_ID = web.RequestKey("request_id", str)
 #: The client key that authenticated this request (absent while keys are off): cache,
 #: idempotency and jobs scope by `request[CLIENT_KEY].id`.
@@ -70,3 +74,5 @@ CLIENT_KEY = web.RequestKey("client_key", KeyRecord)
 RATE_HEADERS = web.RequestKey("rate_headers", dict[str, str])
 #: Tokens a keyed request with a tokens-per-minute limit used, charged when it ends.
 METER = web.RequestKey("meter", Meter)
+#: The SSE bytes of a stream as written, for an Idempotency-Key to store (service/idempotency).
+IDEMPOTENCY_RECORD = web.RequestKey("idempotency_record", list[bytes])

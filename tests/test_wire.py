@@ -27,3 +27,13 @@ def test_completion_keeps_object_and_role() -> None:
     assert out["object"] == "chat.completion"
     assert out["choices"][0]["message"]["role"] == "assistant"
     assert "tool_calls" not in out["choices"][0]["message"]
+
+
+def test_replayed_stream_chunks_name_their_object_once() -> None:
+    """A stored answer replayed as a stream: each chunk has exactly one `object` key."""
+    from bulwark.replay import canned, events_of
+
+    completion = canned("Hello there", "default")
+    for ev in events_of(completion.parsed, include_usage=True):
+        assert ev.raw.count(b'"object"') == 1
+    assert completion.body.count(b'"object"') == 1

@@ -13,14 +13,17 @@ from bulwark.cache import parse_cache_control
 from bulwark.errors import GatewayError, NotFound, PayloadTooLarge
 from bulwark.providers.base import StreamEvent
 from bulwark.wire import ChatCompletion, ChatRequest, Chunk, ModelCard, ModelList, encoder
+from service import idempotency
 from service.auth import check_model
 from service.chatreq import accepts_canned, wants_continuation
 from service.chatreq import check_limits as _check_limits
 from service.chatreq import decode_chat as _decode
-from service.dispatch import ClientGone, Fallback, Request
+from service.dispatch import ClientGone, Fallback, QueueInstead, Request
 from service.keys import (
     CLIENT_KEY,
     DISPATCHER,
+    IDEMPOTENCY_RECORD,
+    JOBS,
     METER,
     MODELS,
     RATE_HEADERS,
@@ -31,6 +34,7 @@ from service.keys import (
 )
 from service.openapi import Body, describe
 from service.ratelimit import MeteredSink
+from service.respond_async import prefers_async, queue_instead
 
 routes = web.RouteTableDef()
 
@@ -98,6 +102,15 @@ def _examples(app: web.Application) -> dict[str, object]:
     )},
     errors=(404, 502, 503, 504))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    if idempotency.HEADER in request.headers:  # the only cost of the feature without a key
+        jobs = request.app.get(JOBS)
+        return await idempotency.idempotent(request, _chat_completions,
+                                            None if jobs is None else jobs.idempotency,
+                                            IDEMPOTENCY_RECORD)
+    return await _chat_completions(request)
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise PayloadTooLarge(f"The request body is larger than {settings.max_body_bytes} bytes.")
@@ -124,17 +137,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                   passthrough=headers, no_store=cc.no_store, no_cache=cc.no_cache,
                   accept_canned=accepts_canned(request), cache_scope=_scope(request),
                   continue_stream=chat.stream and wants_continuation(
-                      headers, request.app[MODELS].get(chat.model)))
+                      headers, request.app[MODELS].get(chat.model)),
+                  may_queue=JOBS in request.app and prefers_async(request))
     dispatcher = request.app[DISPATCHER]
-    if not chat.stream:
-        answer = await dispatcher.complete(req)
-        if meter is not None:
-            meter.completion(answer.completion.parsed)
-        return web.Response(body=answer.completion.body, content_type="application/json",
-                            headers=_chat_headers(rid, answer.provider, answer.attempts,
-                                                  answer.fallback, answer.cache_age))
-    sink = SseSink(request, rid)
-    await dispatcher.stream(req, sink if meter is None else MeteredSink(sink, meter))
+    try:
+        if not chat.stream:
+            answer = await dispatcher.complete(req)
+            if meter is not None:
+                meter.completion(answer.completion.parsed)
+            return web.Response(body=answer.completion.body, content_type="application/json",
+                                headers=_chat_headers(rid, answer.provider, answer.attempts,
+                                                      answer.fallback, answer.cache_age))
+        sink = SseSink(request, rid)
+        await dispatcher.stream(req, sink if meter is None else MeteredSink(sink, meter))
+    except QueueInstead as queued:
+        return await queue_instead(request, chat, queued.err)
     assert sink.response is not None  # stream() raises unless it started the response
     return sink.response
 
@@ -149,6 +166,8 @@ class SseSink:
         self._closed = False
         self._task: asyncio.Task[object] | None = None
         self._pending: list[bytes] = []
+        #: What was written, when an Idempotency-Key wants the stream stored.
+        self._record = request.get(IDEMPOTENCY_RECORD)
 
     async def start(self, provider: str, attempts: int, fallback: Fallback, *,
                     cache_age: float | None = None) -> None:
@@ -167,6 +186,8 @@ class SseSink:
         assert self.response is not None
         if self._closed:
             raise ClientGone
+        if self._record is not None:
+            self._record.append(data)
         try:
             await self.response.write(data)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError) as err:
@@ -187,6 +208,8 @@ class SseSink:
         data, self._pending = b"".join(self._pending), []
         self._closed = True
         self._request.app[STREAMS].discard(self)
+        if self._record is not None:
+            self._record.append(data)
         try:
             await self.response.write_eof(data)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError) as err:
