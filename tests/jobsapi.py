@@ -55,10 +55,11 @@ Start = Callable[..., Awaitable[Api]]
 
 def api_factory(aiohttp_server: Any, pg_clean: str) -> Start:
     """`start(sims, **env)`: the gateway over these simulators (priorities in order)."""
-    async def start(sims: list[Sim], *, breaker_threshold: int = 5, **env: str) -> Api:
+    async def start(sims: list[Sim], *, breaker_threshold: int = 5,
+                    admin_token: str | None = None, **env: str) -> Api:
         # One upstream call per attempt (no retries of the provider): counts are exact.
         settings = Settings(database_url=pg_clean, http_backoff_base_ms=0, http_retries=0,
-                            cb_fail_threshold=breaker_threshold)
+                            cb_fail_threshold=breaker_threshold, admin_token=admin_token)
         app = create_app(settings, [provider(s.name, s.url, priority=i, settings=settings)
                                     for i, s in enumerate(sims, 1)], env={**FAST, **env})
         server = await aiohttp_server(app)

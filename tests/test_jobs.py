@@ -268,3 +268,49 @@ async def test_without_a_database_jobs_are_unavailable(aiohttp_server: Any,
     status, err, _ = await gw.call("POST", "/v1/chat/completions", json=CHAT,
                                    headers={"Prefer": "respond-async"})
     assert (status, err["error"]["code"]) == (503, "no_provider_available")
+
+
+async def test_dlq_through_the_admin_api(api: Start, sim: SimFactory, pg_clean: str) -> None:
+    """The operator lists dead jobs, retries one (it then succeeds) and purges the rest; each
+    action is audited; bad input and unknown ids are clear errors."""
+    token = "adm-dlq-0123456789-abcdef"
+    auth = {"Authorization": f"Bearer {token}"}
+    alpha = await sim("alpha")
+    gw = await api([alpha], BULWARK_JOBS_MAX_ATTEMPTS="1", breaker_threshold=100,
+                   admin_token=token)
+    await alpha.script(then={"status": 503})
+    first, second = await gw.submit(), await gw.submit()
+    for job_id in (first, second):
+        await until(gw.status_is(job_id, "dead"), what="dead")
+    status, body, _ = await gw.call("GET", "/admin/reliability/dlq", headers=auth)
+    assert status == 200, body
+    assert body["dead"] == 2 and {j["id"] for j in body["jobs"]} == {first, second}
+    status, _, _ = await gw.call("GET", "/admin/reliability/dlq")
+    assert status == 401
+    status, body, _ = await gw.call("GET", "/admin/reliability/dlq?limit=0", headers=auth)
+    assert (status, body["error"]["param"]) == (400, "limit")
+
+    await alpha.script(then={})
+    status, body, _ = await gw.call("POST", f"/admin/reliability/dlq/{first}/retry",
+                                    headers=auth, json={"reason": "provider is back"})
+    assert (status, body["status"]) == (200, "queued")
+    await until(gw.status_is(first, "succeeded"), what="retried job answered")
+    status, body, _ = await gw.call("POST", f"/admin/reliability/dlq/{first}/retry",
+                                    headers=auth)
+    assert (status, body["error"]["code"]) == (404, "job_not_found")
+
+    status, body, _ = await gw.call("POST", "/admin/reliability/dlq/purge", headers=auth,
+                                    json={"model": "default"})
+    assert (status, body["error"]["param"]) == (400, "reason")
+    status, body, _ = await gw.call("POST", "/admin/reliability/dlq/purge", headers=auth,
+                                    json={"reason": "obsolete", "model": "default"})
+    assert (status, body["purged"]) == (200, 1)
+    status, body, _ = await gw.call("GET", f"/v1/chat/jobs/{second}")
+    assert (status, body["error"]["code"]) == (404, "job_not_found")
+    conn = await asyncpg.connect(pg_clean)
+    try:
+        actions = [r["action"] for r in await conn.fetch(
+            "select action from admin_audit order by id")]
+    finally:
+        await conn.close()
+    assert actions == ["dlq.retry", "dlq.purge"]

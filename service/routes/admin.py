@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar
@@ -22,7 +21,7 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 
-from bulwark import clientkeys, forced
+from bulwark import clientkeys, forced, jobstore
 from bulwark.audit import clean, record_action
 from bulwark.bus import Bus, put_fleet_on
 from bulwark.degradation import AUTO_KEY, OPERATOR_KEY, effective
@@ -31,10 +30,12 @@ from bulwark.errors import (
     GatewayError,
     InvalidRequest,
     NotFound,
+    PayloadTooLarge,
     ServiceUnavailable,
 )
 from bulwark.report import duration_sec, reliability_report
 from bulwark.wire import encoder
+from service.inputs import invalid
 from service.keys import BUS, GUARD, ROUTER, SETTINGS, VIEW
 
 routes = web.RouteTableDef()
@@ -68,25 +69,13 @@ class SetDegradation(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     expires_in_sec: Expiry | None = None
 
 
-_PATH = re.compile(r"at `\$\.?([^`]*)`")
-_FIELD = re.compile(r"(?:missing required|unknown) field `([^`]*)`")
-
-
-def _invalid(err: msgspec.ValidationError) -> InvalidRequest:
-    text = str(err)
-    m, f = _PATH.search(text), _FIELD.search(text)
-    param = ".".join(p for p in ((m.group(1) if m else ""), (f.group(1) if f else "")) if p)
-    return InvalidRequest(f"Invalid request: {text}", code="invalid_request",
-                          param=param or None)
-
-
 async def _body(request: web.Request, kind: type[T], *, from_query: bool = False) -> T:
     """The JSON body as `kind`; 400 naming the field when it does not fit."""
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise InvalidRequest(f"The body is larger than {MAX_BODY} bytes.", code="invalid_request")
+        raise PayloadTooLarge(f"The body is larger than {MAX_BODY} bytes.")
     raw = await request.content.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
-        raise InvalidRequest(f"The body is larger than {MAX_BODY} bytes.", code="invalid_request")
+        raise PayloadTooLarge(f"The body is larger than {MAX_BODY} bytes.")
     try:
         if raw.strip():
             return msgspec.json.decode(raw, type=kind)
@@ -95,7 +84,7 @@ async def _body(request: web.Request, kind: type[T], *, from_query: bool = False
         # No body: the defaults, or a 400 naming the first required field.
         return msgspec.convert({}, kind)
     except msgspec.ValidationError as err:
-        raise _invalid(err) from None
+        raise invalid(err) from None
     except msgspec.DecodeError:
         raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
 
@@ -331,6 +320,82 @@ async def reliability(request: web.Request) -> web.Response:
         return await reliability_report(conn, since)
 
     return _json(await _read(request, "reliability report", op))
+
+
+# -- dead-letter queue -----------------------------------------------------------------------
+
+class DlqRetry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    reason: Annotated[str, Meta(max_length=500)] = ""
+
+
+class DlqPurge(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    reason: Reason
+    #: Only dead jobs of this model; none: every model.
+    model: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    #: Only jobs dead for longer than this; none: however recently.
+    older_than_sec: Annotated[float, Meta(ge=0)] | None = None
+
+
+#: A page of dead jobs: enough to act on, bounded so that a huge DLQ is no huge answer.
+DLQ_PAGE_MAX = 500
+
+
+@routes.get("/admin/reliability/dlq")
+async def list_dlq(request: web.Request) -> web.Response:
+    """Dead jobs, oldest first (`?model=`, `?limit=` up to 500), with the queue's counts."""
+    authorize(request)
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        limit = -1
+    if not 1 <= limit <= DLQ_PAGE_MAX:
+        raise InvalidRequest(f"limit must be an integer from 1 to {DLQ_PAGE_MAX}.",
+                             code="invalid_request", param="limit")
+    model = request.query.get("model") or None
+
+    async def op(conn: Any) -> dict[str, Any]:
+        return {**await jobstore.dlq_counts(conn),
+                "jobs": await jobstore.list_dead(conn, limit, model)}
+
+    return _json(await _read(request, "list dlq", op))
+
+
+@routes.post("/admin/reliability/dlq/{job_id}/retry")
+async def retry_dlq(request: web.Request) -> web.Response:
+    """Put one dead job back in the queue now (attempts and age reset); 404 if not dead."""
+    authorize(request)
+    job_id = request.match_info["job_id"]
+    body = await _body(request, DlqRetry)
+    actor, address = _who(request)
+
+    async def op(conn: Any) -> bool:
+        requeued = await jobstore.retry_dead(conn, job_id)
+        if requeued:
+            await record_action(conn, action="dlq.retry", target=job_id, reason=body.reason,
+                                actor=actor, address=address)
+        return requeued
+
+    if not await _write(request, "retry dead job", op):
+        raise NotFound(f"No dead job {job_id!r}.", code="job_not_found", param="job_id")
+    return _json({"id": job_id, "status": "queued"})
+
+
+@routes.post("/admin/reliability/dlq/purge")
+async def purge_dlq(request: web.Request) -> web.Response:
+    """Delete dead jobs (of `model`, dead longer than `older_than_sec`), with a reason."""
+    authorize(request)
+    body = await _body(request, DlqPurge)
+    actor, address = _who(request)
+
+    async def op(conn: Any) -> int:
+        n = await jobstore.purge_dead(conn, model=body.model,
+                                      older_than_sec=body.older_than_sec)
+        await record_action(conn, action="dlq.purge", target=body.model or "*",
+                            reason=body.reason, actor=actor, address=address,
+                            detail={"older_than_sec": body.older_than_sec, "purged": n})
+        return n
+
+    return _json({"purged": await _write(request, "purge dlq", op)})
 
 
 # -- client keys ------------------------------------------------------------------------------
