@@ -20,8 +20,9 @@ from bulwark.state import View
 from service import keys
 from service.dispatch import Dispatcher
 from service.edge import edge
+from service.observe import WebObserver, breaker_hook, sample_ctx, tracing_ctx
 from service.router import ProviderRuntime, Router
-from service.routes import chat, health
+from service.routes import chat, health, metrics
 from service.streams import OpenStreams
 from service.sync import ErrorRecorder, StateSync, run_sync
 
@@ -44,6 +45,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app[keys.STREAMS] = OpenStreams()
     app.add_routes(chat.routes)
     app.add_routes(health.routes)
+    app.add_routes(metrics.routes)
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # One pool for all providers. 1000 sockets bound memory per process; 500 per host
@@ -58,13 +60,15 @@ def create_app(settings: Settings, providers: list[Provider], *,
     async def router_ctx(app: web.Application) -> AsyncIterator[None]:
         session = app[keys.SESSION]
         runtimes: list[ProviderRuntime] = []
+        tracing = app[keys.TRACING]
         # Until healthd is heard from, breakers recover on their own (passive mode).
         config = BreakerConfig.from_settings(settings, auto_half_open=True)
         sync = StateSync()
         for p in providers:
             adapter = make_adapter(p, session, retry_after_cap=settings.retry_after_cap_sec,
                                    env=env)
-            breaker = Breaker(p.name, config, on_transition=sync.on_transition)
+            breaker = Breaker(p.name, config,
+                              on_transition=breaker_hook(sync.on_transition, tracing))
             runtimes.append(ProviderRuntime(p, adapter, breaker))
         router = Router(runtimes, app[keys.VIEW], healthd_interval=settings.healthd_interval_sec)
         sync.attach(router)
@@ -76,7 +80,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
         app[keys.DISPATCHER] = Dispatcher(
             router, max_attempts=settings.max_attempts,
             backoff=Backoff(base_sec=settings.http_backoff_base_ms / 1000.0),
-            observer=recorder if settings.database_url else None)
+            observer=WebObserver(recorder if settings.database_url else None, tracing))
         yield
 
     async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -87,6 +91,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
             return
         bus = Bus(settings.database_url, app[keys.VIEW], name=sync.name)
         await bus.start()
+        app[keys.BUS] = bus
         recorder = app[keys.ERRORS]
         flusher = asyncio.create_task(recorder.run(bus), name="service-errors")
         try:
@@ -113,8 +118,10 @@ def create_app(settings: Settings, providers: list[Provider], *,
         await app[keys.STREAMS].close()
 
     app.on_shutdown.append(end_streams_before_the_kill)
+    app.cleanup_ctx.append(tracing_ctx(env))
     app.cleanup_ctx.append(streams_ctx)
     app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(router_ctx)
     app.cleanup_ctx.append(bus_ctx)
+    app.cleanup_ctx.append(sample_ctx)
     return app

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import Literal, NamedTuple, Protocol
 
 from bulwark.errors import (
@@ -26,7 +26,7 @@ from bulwark.errors import (
 )
 from bulwark.providers.base import Call, Completion, StreamEvent
 from bulwark.retry import Backoff, retry_delay
-from bulwark.wire import ChatRequest
+from bulwark.wire import ChatCompletion, ChatRequest, Chunk
 from service.router import ProviderRuntime, Router
 
 log = logging.getLogger("bulwark.dispatch")
@@ -51,11 +51,77 @@ class Sink(Protocol):
     async def fail(self, err: GatewayError) -> None: ...
 
 
+class Attempt(Protocol):
+    """One upstream attempt as telemetry sees it (metrics; a span when traced). Exactly one
+    of succeeded / stream_done / failed / cancelled ends it."""
+
+    @property
+    def traceparent(self) -> str | None:
+        """W3C `traceparent` to send upstream; None when not traced."""
+
+    @property
+    def watch(self) -> Callable[[AsyncGenerator[StreamEvent, None]],
+                                AsyncGenerator[StreamEvent, None]] | None:
+        """A wrapper to see every streamed event (content capture); None: nothing to see."""
+
+    def first_token(self, seconds: float) -> None: ...
+    def succeeded(self, seconds: float, completion: ChatCompletion) -> None: ...
+    def stream_done(self, seconds: float, tail: Sequence[Chunk]) -> None: ...
+    def failed(self, err: UpstreamError, seconds: float) -> None: ...
+    def cancelled(self, seconds: float) -> None: ...
+
+
 class Observer(Protocol):
-    """Who hears about each upstream failure (error rows, metrics)."""
+    """Who hears about each upstream attempt (error rows, metrics, traces)."""
+
+    def attempt_started(self, provider: ProviderRuntime, req: Request, number: int) -> Attempt:
+        ...
 
     def attempt_failed(self, provider: str, err: UpstreamError, request_id: str,
                        model: str) -> None: ...
+
+    def retrying(self, provider: str, delay: float) -> None: ...
+    def failing_over(self, from_provider: str, to_provider: str) -> None: ...
+    def breaker_refused(self, provider: str) -> None: ...
+
+
+class _Unobserved:
+    """Observer and Attempt in one, doing nothing: a dispatcher built without telemetry."""
+
+    traceparent = None
+    watch = None
+
+    def attempt_started(self, provider: ProviderRuntime, req: Request,
+                        number: int) -> _Unobserved:
+        return self
+
+    def attempt_failed(self, provider: str, err: UpstreamError, request_id: str,
+                       model: str) -> None:
+        pass
+
+    def retrying(self, provider: str, delay: float) -> None:
+        pass
+
+    def failing_over(self, from_provider: str, to_provider: str) -> None:
+        pass
+
+    def breaker_refused(self, provider: str) -> None:
+        pass
+
+    def first_token(self, seconds: float) -> None:
+        pass
+
+    def succeeded(self, seconds: float, completion: ChatCompletion) -> None:
+        pass
+
+    def stream_done(self, seconds: float, tail: Sequence[Chunk]) -> None:
+        pass
+
+    def failed(self, err: UpstreamError, seconds: float) -> None:
+        pass
+
+    def cancelled(self, seconds: float) -> None:
+        pass
 
 
 class ClientGone(Exception):
@@ -94,7 +160,7 @@ class Dispatcher:
         self.router = router
         self.max_attempts = max_attempts
         self.backoff = backoff
-        self.observer = observer
+        self.observer: Observer = observer or _Unobserved()
         self._sleep = sleep or asyncio.sleep
         self._clock = clock
 
@@ -116,7 +182,8 @@ class Dispatcher:
             "No provider can answer this model right now; retry after the delay given.",
             retry_after=plan.cooling_for or 1.0)
 
-    def _failed(self, rt: ProviderRuntime, err: UpstreamError, req: Request) -> None:
+    def _failed(self, rt: ProviderRuntime, err: UpstreamError, req: Request, att: Attempt,
+                seconds: float) -> None:
         if err.policy.breaker:
             rt.breaker.record_failure(reason=str(err.cls))
         else:
@@ -127,23 +194,25 @@ class Dispatcher:
         log.warning("upstream attempt failed", extra={
             "provider": rt.name, "error_class": str(err.cls), "status": err.status,
             "request_id": req.request_id, "detail": err.detail})
-        if self.observer is not None:
-            self.observer.attempt_failed(rt.name, err, req.request_id, req.chat.model)
+        att.failed(err, seconds)
+        self.observer.attempt_failed(rt.name, err, req.request_id, req.chat.model)
 
-    def _call(self, rt: ProviderRuntime, req: Request) -> Call:
+    def _call(self, rt: ProviderRuntime, req: Request, att: Attempt) -> Call:
         return Call(request=req.chat, upstream_model=rt.provider.models[req.chat.model],
-                    request_id=req.request_id, passthrough=req.passthrough)
+                    request_id=req.request_id, passthrough=req.passthrough,
+                    traceparent=att.traceparent)
 
     async def complete(self, req: Request) -> Answer:
         failures: list[UpstreamError] = []
         plan = _Attempts(self, req)
         while (rt := await plan.next(failures[-1] if failures else None)) is not None:
             attempts = plan.count
+            att = self.observer.attempt_started(rt, req, attempts)
             timeout = min(rt.provider.timeouts.total, req.deadline - self._clock())
             started = self._clock()
             try:
                 async with asyncio.timeout(timeout):
-                    completion = await rt.adapter.complete(self._call(rt, req))
+                    completion = await rt.adapter.complete(self._call(rt, req, att))
             except UpstreamError as err:
                 failures.append(err)
             except TimeoutError:
@@ -151,13 +220,16 @@ class Dispatcher:
             except BaseException:
                 # Cancelled (shutdown) or a bug: the half-open permit must still come back.
                 rt.breaker.record_ignored()
+                att.cancelled(self._clock() - started)
                 raise
             else:
-                rt.breaker.record_success(self._clock() - started)
+                elapsed = self._clock() - started
+                rt.breaker.record_success(elapsed)
+                att.succeeded(elapsed, completion.parsed)
                 fallback: Fallback = "failover" if failures else "none"
                 return Answer(completion, rt.name, attempts, fallback)
             last = failures[-1]
-            self._failed(rt, last, req)
+            self._failed(rt, last, req, att, self._clock() - started)
             if not last.policy.failover:
                 raise _rejected(last, False if attempts > 1 else None)
         raise self._no_provider(req, failures, plan.count)
@@ -168,6 +240,7 @@ class Dispatcher:
         plan = _Attempts(self, req)
         while (rt := await plan.next(failures[-1] if failures else None)) is not None:
             attempts = plan.count
+            att = self.observer.attempt_started(rt, req, attempts)
             t = rt.provider.timeouts
             now = self._clock()
             loop = asyncio.get_running_loop()
@@ -175,7 +248,9 @@ class Dispatcher:
             # chunk, then the total deadline. Idle gaps are aiohttp's sock_read timeout.
             total_at = loop.time() + min(t.total, req.deadline - now)
             first_at = min(loop.time() + t.first_token, total_at)
-            events = rt.adapter.stream(self._call(rt, req))
+            events = rt.adapter.stream(self._call(rt, req, att))
+            if att.watch is not None:
+                events = att.watch(events)
             sent = False
             try:
                 async with asyncio.timeout_at(first_at) as timer:
@@ -188,22 +263,31 @@ class Dispatcher:
                     # A long answer is not a slow provider: for streams the breaker's
                     # slow-call rule judges the time to the first token.
                     ttft = self._clock() - now
+                    att.first_token(ttft)
                     fallback: Fallback = "failover" if failures else "none"
                     sent = True
                     await sink.start(rt.name, attempts, fallback)
                     for ev in buffered:
                         await sink.event(ev)
+                    # The last two events hold usage and finish reasons, for telemetry.
+                    before: StreamEvent | None = None
+                    last: StreamEvent | None = None
                     async for ev in events:
                         await sink.event(ev)
+                        before, last = last, ev
                 rt.breaker.record_success(ttft)
                 await sink.done()
+                tail = buffered[-2:] if last is None else [e for e in (before, last) if e]
+                att.stream_done(self._clock() - now, [e.chunk for e in tail])
                 return
             except ClientGone:
                 rt.breaker.record_ignored()
+                att.cancelled(self._clock() - now)
                 return
             except asyncio.CancelledError:
                 # Shutdown past the drain period: say so rather than end the stream cleanly.
                 rt.breaker.record_ignored()
+                att.cancelled(self._clock() - now)
                 if sent:
                     await sink.fail(ServiceUnavailable(
                         "The gateway is shutting down; the answer is incomplete.",
@@ -216,7 +300,7 @@ class Dispatcher:
                     err = UpstreamError(C.TIMEOUT_TOTAL, detail="stream passed its total timeout")
                 else:
                     err = UpstreamError(C.TIMEOUT_FIRST_TOKEN, detail="no first token in time")
-                self._failed(rt, err, req)
+                self._failed(rt, err, req, att, self._clock() - now)
                 if sent:
                     await sink.fail(_stream_error(err))
                     return
@@ -227,6 +311,7 @@ class Dispatcher:
                 # A bug of ours: the permit comes back, and a started stream still ends
                 # with an error event (never a clean cut); before that, the edge renders it.
                 rt.breaker.record_ignored()
+                att.cancelled(self._clock() - now)
                 if not sent:
                     raise
                 log.exception("stream failed", extra={"request_id": req.request_id})
@@ -279,12 +364,16 @@ class _Attempts:
                 if self._budget_left() and rt.breaker.allow():
                     self._tries += 1
                     self.count += 1
+                    d.observer.retrying(rt.name, delay)
                     return rt
-        for rt in self._order:
+        for nxt in self._order:
             if not self._budget_left():
                 return None
-            if rt.breaker.allow():
-                self._current, self._tries = rt, 1
+            if nxt.breaker.allow():
+                if rt is not None:
+                    d.observer.failing_over(rt.name, nxt.name)
+                self._current, self._tries = nxt, 1
                 self.count += 1
-                return rt
+                return nxt
+            d.observer.breaker_refused(nxt.name)
         return None

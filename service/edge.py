@@ -20,8 +20,9 @@ from bulwark.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from bulwark.telemetry import TRACED_PREFIXES
 from bulwark.wire import encoder
-from service.keys import REQUEST_ID
+from service.keys import REQUEST_ID, TRACING
 
 log = logging.getLogger("bulwark.web")
 
@@ -72,6 +73,13 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not _valid_request_id(rid):
         rid = new_request_id()
     request[REQUEST_ID] = rid
+    tracing = request.app[TRACING]
+    if tracing is not None and request.path.startswith(TRACED_PREFIXES):
+        return await tracing.serve(request, lambda r: _answer(r, handler, rid), rid)
+    return await _answer(request, handler, rid)
+
+
+async def _answer(request: web.Request, handler: Handler, rid: str) -> web.StreamResponse:
     try:
         resp = await handler(request)
     except GatewayError as err:

@@ -37,6 +37,8 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     request_id: str
     #: Headers the client sent that this provider kind forwards (the simulator's `x-sim-*`).
     passthrough: Mapping[str, str] = msgspec.field(default_factory=dict)
+    #: W3C trace context of this attempt's span, sent upstream as `traceparent`.
+    traceparent: str | None = None
 
 
 class Completion(NamedTuple):

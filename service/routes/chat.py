@@ -11,6 +11,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from bulwark import metrics
 from bulwark.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
 from bulwark.providers.base import StreamEvent
 from bulwark.wire import ChatRequest, ModelCard, ModelList, encoder, request_decoder
@@ -76,6 +77,26 @@ def _chat_headers(rid: str, provider: str, attempts: int, fallback: Fallback) ->
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    # [model label, stream]: filled in as soon as the body is decoded.
+    seen: list[object] = [metrics.UNKNOWN, False]
+    try:
+        resp, fallback, code = await _chat_completions(request, seen)
+    except GatewayError as err:
+        metrics.CHAT.done(str(seen[0]), bool(seen[1]), err.status, started)
+        raise
+    except asyncio.CancelledError:
+        metrics.CHAT.done(str(seen[0]), bool(seen[1]), 499, started)
+        raise
+    except Exception:
+        metrics.CHAT.done(str(seen[0]), bool(seen[1]), 500, started)
+        raise
+    metrics.CHAT.done(str(seen[0]), bool(seen[1]), code, started, fallback)
+    return resp
+
+
+async def _chat_completions(request: web.Request,
+                            seen: list[object]) -> tuple[web.StreamResponse, Fallback, int]:
     settings = request.app[SETTINGS]
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise PayloadTooLarge(f"The request body is larger than {settings.max_body_bytes} bytes.")
@@ -85,10 +106,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise PayloadTooLarge(
             f"The request body is larger than {settings.max_body_bytes} bytes.") from None
     chat = _decode(body)
+    seen[1] = chat.stream
     _check_limits(chat, max_messages=settings.max_messages, max_chars=settings.max_message_chars)
     if not request.app[ROUTER].has_model(chat.model):
         raise NotFound(f"The model {chat.model!r} does not exist.", code="model_not_found",
                        param="model")
+    seen[0] = chat.model
     rid = request[REQUEST_ID]
     req = Request(chat=chat, request_id=rid,
                   deadline=_deadline(request, chat, settings.request_timeout_sec),
@@ -98,11 +121,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         answer = await dispatcher.complete(req)
         return web.Response(body=answer.completion.body, content_type="application/json",
                             headers=_chat_headers(rid, answer.provider, answer.attempts,
-                                                  answer.fallback))
+                                                  answer.fallback)), answer.fallback, 200
     sink = SseSink(request, rid)
     await dispatcher.stream(req, sink)
     assert sink.response is not None  # stream() raises unless it started the response
-    return sink.response
+    return sink.response, sink.fallback, sink.outcome
 
 
 class SseSink:
@@ -115,8 +138,13 @@ class SseSink:
         self._closed = False
         self._task: asyncio.Task[object] | None = None
         self._pending: list[bytes] = []
+        self.fallback: Fallback = "none"
+        #: The request's status for metrics: 200, the final error event's status, or 499
+        #: when the client went away.
+        self.outcome = 200
 
     async def start(self, provider: str, attempts: int, fallback: Fallback) -> None:
+        self.fallback = fallback
         headers = _chat_headers(self._rid, provider, attempts, fallback)
         headers.update(_SSE_HEADERS)
         self.response = web.StreamResponse(status=200, headers=headers)
@@ -134,6 +162,7 @@ class SseSink:
         try:
             await self.response.write(data)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError) as err:
+            self.outcome = 499
             raise ClientGone from err
 
     async def event(self, ev: StreamEvent) -> None:
@@ -159,6 +188,7 @@ class SseSink:
     async def fail(self, err: GatewayError) -> None:
         # No [DONE] after an error: the openai SDK raises on the error event, and a client
         # that ignored it must not take what came before for a complete answer.
+        self.outcome = err.status
         self._request.app[STREAMS].discard(self)
         try:
             self._pending.append(b"data: " + encoder.encode(err.body()) + b"\n\n")
