@@ -203,6 +203,9 @@ def initialise(providers: dict[str, Sequence[str]]) -> None:
             for direction in ("input", "output"):
                 TOKENS.labels(name, model, direction)
     for model in models:
+        for stream in ("false", "true"):
+            REQUESTS.labels("chat", model, stream, "200")
+            REQUEST_DURATION.labels("chat", model, stream)
         for kind in FALLBACK_KINDS:
             FALLBACKS.labels(model, kind)
         for result in ("hit", "miss"):

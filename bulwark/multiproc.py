@@ -68,7 +68,8 @@ def tidy(path: Path, *, own_pid: int) -> dict[str, int]:
         m = _FILE.match(entry.name) or _MARKER.match(entry.name)
         if m:
             pids.add(int(m["pid"]))
-    alive = {pid for pid in pids if pid != own_pid and _alive(pid)}
+    alive = {pid for pid in pids if pid == own_pid or _alive(pid)}
+    others_alive = bool(alive - {own_pid})
     removed = {"gauges": 0, "totals": 0, "markers": 0}
     for entry in path.iterdir():
         if (m := _MARKER.match(entry.name)) and int(m["pid"]) not in alive:
@@ -81,7 +82,7 @@ def tidy(path: Path, *, own_pid: int) -> dict[str, int]:
         if m["kind"] == "gauge" and (m["mode"] or "").startswith("live"):
             entry.unlink(missing_ok=True)
             removed["gauges"] += 1
-        elif not alive:
+        elif not others_alive:
             entry.unlink(missing_ok=True)
             removed["totals"] += 1
     return removed
