@@ -11,9 +11,13 @@ In `python -m service` the values live in prometheus_client's multiprocess files
 live in this process and `render()` reads the default registry.
 
 The request path must stay cheap (docs/PERFORMANCE.md): `.labels()` costs about a
-microsecond, so the hot paths use children bound once per provider/model (`AttemptMetrics`,
-`RequestMetrics`) and looked up in a plain dict; a multiprocess increment is one mmap write
-(~1 µs), a histogram observation two.
+microsecond and a multiprocess increment is a lock, a `getpid()` and an mmap write (1–1.5 µs;
+a histogram observation two of them), some ten per request. So the hot paths use children
+bound once per provider/model (`AttemptMetrics`, `RequestMetrics`), looked up in a plain
+dict, and count into plain floats in this process (`Buffered*`); `flush()` moves the sums
+into prometheus_client once a second (service/observe.py's sampler) and before this process
+renders a scrape. Another process's latest second may be missing from a scrape; nothing is
+lost (its next flush, or its exit, writes it).
 
 Metrics other parts of the gateway feed (cache, jobs, dead-letter queue, WebSocket, rate
 limits, degradation) are defined here too, with a zero sample for every label value known
@@ -23,6 +27,7 @@ up front, so that dashboards and alerts find a series before the first event.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -227,6 +232,64 @@ def initialise(providers: dict[str, Sequence[str]]) -> None:
 
 # -- the hot paths -------------------------------------------------------------------------------
 
+_BUFFERS: list[BufferedCounter | BufferedHistogram] = []
+
+
+class BufferedCounter:
+    """A counter child counted in this process; `flush()` adds the sum to the child."""
+
+    __slots__ = ("child", "pending")
+
+    def __init__(self, child: Counter) -> None:
+        self.child = child
+        self.pending = 0.0
+        _BUFFERS.append(self)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.pending += amount
+
+    def flush(self) -> None:
+        if self.pending:
+            amount, self.pending = self.pending, 0.0
+            self.child.inc(amount)
+
+
+class BufferedHistogram:
+    """A histogram child observed in this process: per-bucket counts and the sum, added to
+    the child's values on `flush()` (prometheus_client stores buckets non-cumulatively, one
+    value per bucket, as `_buckets`/`_sum` — the same values its `observe` increments)."""
+
+    __slots__ = ("_bounds", "child", "counts", "total")
+
+    def __init__(self, child: Histogram) -> None:
+        self.child = child
+        self._bounds: list[float] = list(child._upper_bounds)
+        self.counts = [0] * len(self._bounds)
+        self.total = 0.0
+        _BUFFERS.append(self)
+
+    def observe(self, amount: float) -> None:
+        self.total += amount
+        # First bucket whose bound is >= amount: Prometheus's `le`. The last bound is +Inf.
+        self.counts[bisect_left(self._bounds, amount)] += 1
+
+    def flush(self) -> None:
+        counts = self.counts
+        if not any(counts):
+            return
+        self.counts, total, self.total = [0] * len(counts), self.total, 0.0
+        self.child._sum.inc(total)
+        for i, n in enumerate(counts):
+            if n:
+                self.child._buckets[i].inc(n)
+
+
+def flush() -> None:
+    """Move every buffered count into prometheus_client (call on the event loop's thread)."""
+    for buffer in _BUFFERS:
+        buffer.flush()
+
+
 
 class AttemptMetrics:
     """The children of one (provider, model), bound once; also the `Attempt` the dispatcher
@@ -240,12 +303,12 @@ class AttemptMetrics:
     def __init__(self, provider: str, model: str) -> None:
         self.provider = provider
         self.model = model
-        self.ok = UPSTREAM_ATTEMPTS.labels(provider, model, "ok")
+        self.ok = BufferedCounter(UPSTREAM_ATTEMPTS.labels(provider, model, "ok"))
         self.cancelled_ = UPSTREAM_ATTEMPTS.labels(provider, model, "cancelled")
-        self.duration = UPSTREAM_DURATION.labels(provider)
-        self.ttft = TTFT.labels(provider, model)
-        self.tokens_in = TOKENS.labels(provider, model, "input")
-        self.tokens_out = TOKENS.labels(provider, model, "output")
+        self.duration = BufferedHistogram(UPSTREAM_DURATION.labels(provider))
+        self.ttft = BufferedHistogram(TTFT.labels(provider, model))
+        self.tokens_in = BufferedCounter(TOKENS.labels(provider, model, "input"))
+        self.tokens_out = BufferedCounter(TOKENS.labels(provider, model, "output"))
         self._failed: dict[ErrorClass, Counter] = {}
 
     def first_token(self, seconds: float) -> None:
@@ -291,8 +354,8 @@ class RequestMetrics:
 
     def __init__(self, api: str) -> None:
         self.api = api
-        self._counts: dict[tuple[str, bool, int], Counter] = {}
-        self._durations: dict[tuple[str, bool], Histogram] = {}
+        self._counts: dict[tuple[str, bool, int], BufferedCounter] = {}
+        self._durations: dict[tuple[str, bool], BufferedHistogram] = {}
         self._fallbacks: dict[tuple[str, str], Counter] = {}
 
     def done(self, model: str, stream: bool, code: int, started: float,
@@ -301,13 +364,13 @@ class RequestMetrics:
         seconds = time.perf_counter() - started
         count = self._counts.get((model, stream, code))
         if count is None:
-            count = self._counts[(model, stream, code)] = REQUESTS.labels(
-                self.api, model, "true" if stream else "false", str(code))
+            count = self._counts[(model, stream, code)] = BufferedCounter(REQUESTS.labels(
+                self.api, model, "true" if stream else "false", str(code)))
         count.inc()
         duration = self._durations.get((model, stream))
         if duration is None:
-            duration = self._durations[(model, stream)] = REQUEST_DURATION.labels(
-                self.api, model, "true" if stream else "false")
+            duration = self._durations[(model, stream)] = BufferedHistogram(
+                REQUEST_DURATION.labels(self.api, model, "true" if stream else "false"))
         duration.observe(seconds)
         if fallback != "none":
             self.fallback(model, fallback)
@@ -333,7 +396,8 @@ _registry: CollectorRegistry | None = None
 
 
 def render() -> bytes:
-    """The Prometheus text of every web process of this host (or of this process alone)."""
+    """The Prometheus text of every web process of this host (or of this process alone).
+    Reads files only: call `flush()` first, on the event loop's thread."""
     global _registry  # noqa: PLW0603 - one collector per process, built on first scrape
     if not MULTIPROCESS:
         return generate_latest(REGISTRY)

@@ -17,7 +17,8 @@ have been killed before, so each start tidies up under an exclusive lock on `.lo
   no state at all) are removed always; their counters and histograms only when no process of
   the formation is alive, that is, when the whole formation restarts — counters must not
   go backwards under a scraper while other processes still count;
-- at exit, the process removes its own live gauges (`mark_process_dead`) and its marker.
+- at exit, the process removes its own live gauges (`mark_process_dead`) and its marker,
+  and the last one to leave removes every file.
 
 Nothing here imports prometheus_client before the environment variable is set.
 """
@@ -113,10 +114,21 @@ def prepare(host: str, port: int, env: MutableMapping[str, str] | None = None) -
 
 
 def _at_exit(path: Path, pid: int) -> None:
+    """Remove this process's gauges and marker; the last process of the formation to leave
+    removes every file (the next start would, anyway), so stopped formations leave nothing."""
     if os.getpid() != pid:  # a forked child inherits atexit; the files are the parent's
         return
     from prometheus_client import multiprocess
 
-    with contextlib.suppress(OSError):
-        multiprocess.mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
-        (path / f"live-{pid}").unlink(missing_ok=True)
+    with contextlib.suppress(OSError), (path / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            multiprocess.mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
+            (path / f"live-{pid}").unlink(missing_ok=True)
+            tidy(path, own_pid=pid)
+            if not any(_MARKER.match(p.name) for p in path.iterdir()):
+                for entry in path.iterdir():
+                    if _FILE.match(entry.name):
+                        entry.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -245,13 +245,19 @@ class Tracing:
                     request_id: str) -> web.StreamResponse:
         """Run `handler` inside the request's SERVER span, continuing the client's trace
         (a malformed `traceparent` is ignored: a new trace starts)."""
-        parent = self.propagator.extract(request.headers)
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else ""
-        span = self.tracer.start_span(
-            f"{request.method} {route}".rstrip(), context=parent, kind=SpanKind.SERVER,
-            attributes={"http.request.method": request.method, "url.path": request.path,
-                        "http.route": route, "bulwark.request_id": request_id})
+        headers = request.headers
+        # Most requests carry no trace context: skip the propagators' parsing for them.
+        parent = (self.propagator.extract(headers)
+                  if "traceparent" in headers or "baggage" in headers else None)
+        span = self.tracer.start_span(f"{request.method} {request.path}", context=parent,
+                                      kind=SpanKind.SERVER)
+        if span.is_recording():
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else ""
+            span.update_name(f"{request.method} {route}".rstrip())
+            span.set_attributes({"http.request.method": request.method,
+                                 "url.path": request.path, "http.route": route,
+                                 "bulwark.request_id": request_id})
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         try:
             resp = await handler(request)
@@ -260,10 +266,11 @@ class Tracing:
             span.set_status(StatusCode.ERROR)
             raise
         else:
-            span.set_attribute("http.response.status_code", resp.status)
-            if resp.status >= 500:
-                span.set_attribute("error.type", str(resp.status))
-                span.set_status(StatusCode.ERROR)
+            if span.is_recording():
+                span.set_attribute("http.response.status_code", resp.status)
+                if resp.status >= 500:
+                    span.set_attribute("error.type", str(resp.status))
+                    span.set_status(StatusCode.ERROR)
             return resp
         finally:
             otel_context.detach(token)

@@ -171,12 +171,12 @@ def pinned(argv: list[str], cpus: set[int] | None) -> list[str]:
 
 
 def spawn(name: str, argv: list[str], *, env: dict[str, str], cpus: set[int] | None,
-          logs: Path) -> Proc:
+          logs: Path, cwd: Path = ROOT) -> Proc:
     log = logs / f"{name}.log"
     out: IO[bytes] = log.open("wb")
     started = time.monotonic()
     # A session of its own, so that stopping it takes down anything it started.
-    popen = subprocess.Popen(pinned(argv, cpus), cwd=ROOT, env=env, stdout=out,
+    popen = subprocess.Popen(pinned(argv, cpus), cwd=cwd, env=env, stdout=out,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              start_new_session=True)
     out.close()
@@ -478,6 +478,8 @@ class Bench:
         self.targets = tuple(t for t in TARGETS if not (args.no_bus and t == "gateway+bus"))
         if args.telemetry:
             self.targets += tuple(TRACE_TARGETS)
+        if args.baseline:
+            self.targets += ("gateway@base",)
         self.scrape: dict[str, float] = {}
         self.server_cpus, self.upstream_cpus, self.wrk_cpus = placement(args.no_pin)
         # Postgres, healthd and the publisher: with the upstream and wrk, off the server's.
@@ -543,6 +545,16 @@ class Bench:
             self._start_bus(py, gw_env, dsn_from_env)
         if self.args.telemetry:
             self._start_tracing(py, gw_env)
+        if self.args.baseline:
+            # The same gateway from another source tree (e.g. the commit before a feature),
+            # loaded in the same run: the feature's own cost, apart from the machine's mood.
+            port = self.ports["gateway@base"] = free_port()
+            env_base = dict(gw_env, BULWARK_PORT=str(port), PYTHONPATH=str(self.args.baseline))
+            proc = spawn("gateway@base", [py, "-m", self.args.gateway_module], env=env_base,
+                         cpus=self.server_cpus, logs=self.logs, cwd=self.args.baseline)
+            self.procs.append(proc)
+            self.ready["gateway@base"] = wait_ready(proc, port, "/health/live")
+            self.pids["gateway@base"] = proc.pid
 
     def _start_tracing(self, py: str, gw_env: dict[str, str]) -> None:
         """A local collector that drops what it receives, and one gateway per sampling ratio
@@ -967,20 +979,25 @@ def _telemetry_table(by: dict[tuple[str, str, int], Result], modes: list[str],
            "100 % is reported, not judged):")
     yield ""
     yield ("| mode | c | pass-through µs | gateway µs | ratio | trace10 µs | ratio "
-           "| trace100 µs | ratio | verdict |")
-    yield "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+           "| trace100 µs | ratio | verdict | gateway@base µs | ratio | gateway / base |")
+    yield "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|"
     for mode in modes:
         for c in concs:
             pt = by.get(("passthrough", mode, c))
+            base = by.get(("gateway@base", mode, c))
             cells = [by.get((t, mode, c)) for t in ("gateway", *TRACE_TARGETS)]
             if not (pt and pt.server_cpu_us and all(r and r.server_cpu_us for r in cells)):
                 continue
             us = [r.server_cpu_us for r in cells if r and r.server_cpu_us]
             ratios = [u / pt.server_cpu_us for u in us]
             ok = ratios[0] <= TELEMETRY_MAX[mode] and ratios[1] <= TRACE10_MAX
+            tail = " – | – | – |"
+            if base and base.server_cpu_us:
+                tail = (f" {base.server_cpu_us:.1f} | {base.server_cpu_us / pt.server_cpu_us:.2f} "
+                        f"| {us[0] / base.server_cpu_us:.2f} |")
             yield (f"| {mode} | {c} | {pt.server_cpu_us:.1f} | "
                    + " | ".join(f"{u:.1f} | {r:.2f}" for u, r in zip(us, ratios, strict=True))
-                   + f" | {'ok' if ok else 'MISSED'} |")
+                   + f" | {'ok' if ok else 'MISSED'} |{tail}")
     yield ""
 
 
@@ -1141,6 +1158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--telemetry", action="store_true",
                         help="also load gateways tracing 10 %% and 100 %% of requests to a local "
                              "collector (rotel), and time /metrics on 4 web processes")
+    parser.add_argument("--baseline", type=Path,
+                        help="also load `gateway@base`: the gateway run from this source tree "
+                             "(e.g. `git archive <commit> | tar -x -C DIR`)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--logs", type=Path,
                         help="keep the processes' logs in this directory (default: discarded)")

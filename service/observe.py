@@ -124,6 +124,7 @@ class Sampler:
         self._rtt_beats = 0
 
     def sample(self) -> None:
+        metrics.flush()
         rows = self.view.rows
         trusted = self.router.shared_health_trusted()
         available: dict[str, int] = dict.fromkeys(self.router.models(), 0)
@@ -176,6 +177,7 @@ async def sample_ctx(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        metrics.flush()  # the last second's counts, before the process leaves
 
 
 def tracing_ctx(env: Mapping[str, str] | None

@@ -11,9 +11,10 @@ from typing import Any
 
 import aiohttp
 import openai
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from bulwark import multiproc
+from bulwark import metrics, multiproc
 from tests.conftest import Gateway, GatewayFactory, Sim, SimFactory, provider
 
 MSG: Any = [{"role": "user", "content": "Hi"}]
@@ -177,6 +178,28 @@ async def test_breaker_state_and_available_providers_follow_the_breaker(
     samples = await until(opened, what="breaker open in /metrics")
     assert get(samples, "bulwark_circuit_breaker_transitions_total", provider="alpha",
                to_state="open") >= 1
+
+
+def test_buffered_histogram_matches_prometheus_client() -> None:
+    """Observations counted in-process and flushed give the buckets, count and sum that
+    prometheus_client's own observe gives, boundaries included."""
+    registry = CollectorRegistry()
+    buckets = (0.1, 0.5, 1.0)
+    direct = Histogram("x_seconds", "x", ["k"], buckets=buckets, registry=registry)
+    buffered = metrics.BufferedHistogram(direct.labels("buffered"))
+    values = [0.0, 0.1, 0.1000001, 0.5, 0.7, 1.0, 3.0, 1e9]
+    for v in values:
+        direct.labels("direct").observe(v)
+        buffered.observe(v)
+    buffered.flush()
+    buffered.flush()  # nothing new: no double count
+    samples = {(smp.name, smp.labels.get("le"), smp.labels["k"]): smp.value
+               for fam in registry.collect() for smp in fam.samples
+               if not smp.name.endswith("_created")}
+    for (name, le, k), value in samples.items():
+        if k == "direct":
+            assert samples[(name, le, "buffered")] == value, (name, le)
+    assert samples[("x_seconds_count", None, "buffered")] == len(values)
 
 
 # -- the multiprocess directory -------------------------------------------------------------------

@@ -171,8 +171,8 @@ async def test_a_real_prometheus_scrapes_two_web_processes_and_every_panel_has_d
         prometheus_factory: Any) -> None:
     """Two web processes on one port and healthd, scraped by Prometheus every second: any
     process's /metrics is the host's sum, failures and a failover show up, every dashboard
-    query returns data, the alert rules load, and a stopped process's gauges go away while
-    its counts stay."""
+    query returns data, the alert rules load, a stopped process's gauges go away while its
+    counts stay, and the last process to stop removes the files."""
     alpha, beta = await sim("alpha"), await sim("beta")
     providers = write_providers(tmp_path / "providers.toml", [alpha, beta])
     port, hport = free_port(), free_port()
@@ -219,7 +219,11 @@ async def test_a_real_prometheus_scrapes_two_web_processes_and_every_panel_has_d
     await alpha.script()
     await beta.script()
 
-    # Whichever process answers, a scrape is the host's sum.
+    # Whichever process answers, a scrape is the host's sum (each process moves its counts
+    # to the shared files at least once a second).
+    async def all_flushed() -> bool:
+        return total(await scrape(f"{base}/metrics"), "bulwark_requests_total") == sent
+    await until(all_flushed, what="every process's counts in the files")
     for _ in range(4):
         assert total(await scrape(f"{base}/metrics"), "bulwark_requests_total") == sent
     per_process = []
@@ -268,3 +272,6 @@ async def test_a_real_prometheus_scrapes_two_web_processes_and_every_panel_has_d
     after = await scrape(f"{base}/metrics")
     assert total(after, "bulwark_web_processes") == 1.0
     assert total(after, "bulwark_requests_total") == sent
+    # The last one out leaves nothing behind.
+    assert await webs[0].stop(signal.SIGTERM) == 0
+    assert not list(mdir.glob("*.db")) and not list(mdir.glob("live-*"))
