@@ -412,48 +412,51 @@ class TracedAttempt:
         self._span.add_event("gen_ai.first_chunk", {"bulwark.ttft_s": seconds})
 
     def _response(self, response_id: str, model: str, finish: list[str],
-                  input_tokens: int | None, output_tokens: int | None) -> None:
-        span = self._span
-        span.set_attribute("gen_ai.response.id", response_id)
-        span.set_attribute("gen_ai.response.model", model)
+                  input_tokens: int | None, output_tokens: int | None, *,
+                  output: str | None) -> None:
+        # One call, one lock: set_attribute per key costs the SDK a lock round each.
+        attributes: dict[str, Any] = {"gen_ai.response.id": response_id,
+                                      "gen_ai.response.model": model}
         if finish:
-            span.set_attribute("gen_ai.response.finish_reasons", finish)
+            attributes["gen_ai.response.finish_reasons"] = finish
         if input_tokens is not None:
-            span.set_attribute("gen_ai.usage.input_tokens", input_tokens)
+            attributes["gen_ai.usage.input_tokens"] = input_tokens
         if output_tokens is not None:
-            span.set_attribute("gen_ai.usage.output_tokens", output_tokens)
+            attributes["gen_ai.usage.output_tokens"] = output_tokens
+        if output is not None:
+            attributes["gen_ai.output.messages"] = output
+        self._span.set_attributes(attributes)
+        self._span.end()
 
     def succeeded(self, seconds: float, completion: ChatCompletion) -> None:
         self._m.succeeded(seconds, completion)
         usage = completion.usage
         finish = [c.finish_reason for c in completion.choices if c.finish_reason]
-        self._response(completion.id, completion.model, finish,
-                       usage.prompt_tokens if usage else None,
-                       usage.completion_tokens if usage else None)
+        output = None
         if self._capture:
             text = "".join(c.message.content or "" for c in completion.choices[:1])
-            self._span.set_attribute("gen_ai.output.messages",
-                                     _output(text, finish[0] if finish else None))
-        self._span.end()
+            output = _output(text, finish[0] if finish else None)
+        self._response(completion.id, completion.model, finish,
+                       usage.prompt_tokens if usage else None,
+                       usage.completion_tokens if usage else None, output=output)
 
     def stream_done(self, seconds: float, tail: Sequence[Chunk]) -> None:
         self._m.stream_done(seconds, tail)
         finish = [c.finish_reason for chunk in tail for c in chunk.choices if c.finish_reason]
         usage = next((c.usage for c in tail if c.usage is not None), None)
         last = tail[-1] if tail else None
+        output = (_output("".join(self._text), finish[0] if finish else None)
+                  if self._capture else None)
         self._response(last.id if last else "", last.model if last else "", finish,
                        usage.prompt_tokens if usage else None,
-                       usage.completion_tokens if usage else None)
-        if self._capture:
-            self._span.set_attribute("gen_ai.output.messages",
-                                     _output("".join(self._text), finish[0] if finish else None))
-        self._span.end()
+                       usage.completion_tokens if usage else None, output=output)
 
     def failed(self, err: UpstreamError, seconds: float) -> None:
         self._m.failed(err, seconds)
-        self._span.set_attribute("error.type", str(err.cls))
+        attributes: dict[str, Any] = {"error.type": str(err.cls)}
         if err.status is not None:
-            self._span.set_attribute("http.response.status_code", err.status)
+            attributes["http.response.status_code"] = err.status
+        self._span.set_attributes(attributes)
         self._span.set_status(StatusCode.ERROR, str(err.cls))
         if self._streaming:
             # The client already had part of the answer: the request failed too.
