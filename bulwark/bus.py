@@ -28,6 +28,7 @@ import contextlib
 import logging
 import os
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
@@ -287,6 +288,9 @@ class Bus:
         self.bad_payloads = 0
         self.overflows = 0
         self.publishes = 0
+        #: The last answered heartbeat: its round trip (s) and when it came (unix time).
+        self.last_heartbeat_rtt: float | None = None
+        self.last_heartbeat_at: float | None = None
         self.publish_failures = 0
 
     # -- lifecycle ------------------------------------------------------------------
@@ -545,6 +549,7 @@ class Bus:
         self._after_resync()
 
     async def _heartbeat(self, conn: asyncpg.Connection) -> None:
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.heartbeat_timeout_sec):
                 age = await conn.fetchval(_HEARTBEAT)
@@ -554,6 +559,8 @@ class Bus:
                 f"heartbeat unanswered for {self.heartbeat_timeout_sec} s"
             ) from None
         self.heartbeats += 1
+        self.last_heartbeat_rtt = time.perf_counter() - started
+        self.last_heartbeat_at = time.time()
         self.view.note_healthd_age(None if age is None else float(age))
 
     # -- writing --------------------------------------------------------------------

@@ -105,6 +105,8 @@ class EmbedCall(msgspec.Struct, frozen=True, kw_only=True):
     dimensions: int | None = None
     user: str | None = None
     passthrough: Mapping[str, str] = msgspec.field(default_factory=dict)
+    #: W3C trace context of this attempt's span, sent upstream as `traceparent`.
+    traceparent: str | None = None
 
 
 class EmbeddingResult(NamedTuple):

@@ -299,11 +299,31 @@ def parse_retry_after(headers: Mapping[str, str], cap: float) -> float | None:
     return None
 
 
-# Anything that looks like a credential, so that a provider's "Incorrect API key sk-ab…cd"
-# hint cannot travel on, even in an upstream message we otherwise pass to the caller.
-_SECRETISH = re.compile(
-    r"(sk-[A-Za-z0-9_\-*.]{4,}|AIza[0-9A-Za-z_\-]{10,}|(?:bearer|key|token)[=: ]+\S+"
-    r"|[A-Za-z0-9_\-]{32,})",
+# Credentials, not prose. Three shapes:
+# - opaque keys recognisable on their own (OpenAI `sk-…`, Google `AIza…`, any run of 32+
+#   key characters), so a provider's "Incorrect API key sk-ab…cd" hint cannot travel on;
+# - a value after a label that names a secret outright (password, secret): whatever it is;
+# - a value after `key`/`token` labels (`api_key=`, `x-api-key:`, `"access_token": "…"`) or
+#   `Bearer`: only when it looks like a credential — 8+ key characters with a digit, or 20+;
+#   with a mere space after the label, only letters and digits mixed ("invalid key Ab12cd34"),
+#   so "no first token in time" and "max tokens 4096" stay readable.
+_KEYCHARS = r"[A-Za-z0-9._~+/=\-]"
+_CREDENTIAL = rf"(?:(?={_KEYCHARS}*\d){_KEYCHARS}{{8,}}|{_KEYCHARS}{{20,}})"
+_OPAQUE = re.compile(r"sk-[A-Za-z0-9_\-*.]{4,}|AIza[0-9A-Za-z_\-]{10,}|[A-Za-z0-9_\-]{32,}")
+_SECRET_LABEL = re.compile(
+    r"(?P<label>\b(?:[a-z]+[_-])?(?:password|passwd|pwd|secret)s?\b[\"']?\s*[:=]\s*[\"']?)"
+    r"(?P<value>[^\s\"',;]+)",
+    re.IGNORECASE,
+)
+_KEY = r"\b(?:[a-z]+[_-])?(?:api[_-]?key|apikey|key|token)s?\b"
+_KEY_LABEL = re.compile(
+    rf"(?P<label>\bbearer\s+|{_KEY}[\"']?\s*[:=]\s*[\"']?(?:bearer\s+)?)"
+    rf"(?P<value>{_CREDENTIAL})",
+    re.IGNORECASE,
+)
+# "invalid key AbCd1234": without `=`/`:` only a value with both letters and digits counts.
+_KEY_SPACED = re.compile(
+    rf"(?P<label>{_KEY}\s+)(?P<value>(?={_KEYCHARS}*[A-Za-z])(?={_KEYCHARS}*\d){_KEYCHARS}{{8,}})",
     re.IGNORECASE,
 )
 
@@ -312,7 +332,10 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[redacted]")
-    return _SECRETISH.sub("[redacted]", text)
+    text = _SECRET_LABEL.sub(r"\g<label>[redacted]", text)
+    text = _KEY_LABEL.sub(r"\g<label>[redacted]", text)
+    text = _KEY_SPACED.sub(r"\g<label>[redacted]", text)
+    return _OPAQUE.sub("[redacted]", text)
 
 
 def final_error(failures: list[UpstreamError], *, attempts: int,

@@ -5,7 +5,8 @@
 ``transition``, ``reason``, …) — for a log shipper; ``text`` writes the same on one
 human-readable line. Both formatters redact before writing: the values of the providers'
 API-key variables, and anything `bulwark.errors.redact` recognises as a credential. Secrets
-must never reach a log line, whoever wrote the message (CONTRACT).
+must never reach a log line, whoever wrote the message (CONTRACT). A line written inside a
+traced request carries its ``trace_id`` and ``span_id`` (when tracing is on).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import datetime as dt
 import logging
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final, Literal, TextIO
 
 import msgspec
@@ -32,6 +33,10 @@ _STANDARD: Final = frozenset(
 _MIN_SECRET_LEN: Final = 4
 
 _encoder = msgspec.json.Encoder(enc_hook=str)
+
+#: Set by `bulwark.telemetry.setup` when tracing is on: the current trace and span ids (hex),
+#: or None outside a trace. While it is None, log lines cost nothing extra.
+trace_ids: Callable[[], tuple[str, str] | None] | None = None
 
 
 def provider_secrets(providers: Iterable[Provider],
@@ -63,6 +68,8 @@ class _Redacting(logging.Formatter):
             if key in _STANDARD or key.startswith("_"):
                 continue
             out[key] = self._clean_value(value)
+        if trace_ids is not None and (ids := trace_ids()) is not None:
+            out["trace_id"], out["span_id"] = ids
         return out
 
     def _clean_value(self, value: object) -> object:

@@ -8,10 +8,15 @@ down, a provider down, even a bug in one term of leadership — is waited out, n
 
 from __future__ import annotations
 
+import os
+
+# healthd's metrics are its own (HEALTHD_METRICS_PORT), never mixed into the web processes'
+# multiprocess files: the variable must be gone before prometheus_client is imported.
+os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -31,6 +36,9 @@ from bulwark.config import (
 )
 from bulwark.jobstore import jobs_config
 from bulwark.logs import provider_secrets, setup_logging
+from bulwark.telemetry import Tracing
+from bulwark.telemetry import setup as setup_tracing
+from healthd import metrics
 from healthd.app import Healthd, HealthdConfig, default_holder
 from healthd.degradation import degrade_main
 
@@ -72,7 +80,21 @@ def build_config(settings: Settings, env: Mapping[str, str],
     )
 
 
-async def serve(config: HealthdConfig, providers: Sequence[Provider]) -> int:
+async def serve(config: HealthdConfig, providers: Sequence[Provider], *,
+                host: str = "127.0.0.1", metrics_port: int = 0,
+                tracing: Tracing | None = None) -> int:
+    metrics.initialise([p.name for p in providers])
+    async with metrics.serve_metrics(host, metrics_port):
+        try:
+            return await _run(config, providers, tracing)
+        finally:
+            if tracing is not None:
+                # Bounded, off the loop: a dead collector must not delay the exit.
+                await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
+
+
+async def _run(config: HealthdConfig, providers: Sequence[Provider],
+               tracing: Tracing | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -80,7 +102,7 @@ async def serve(config: HealthdConfig, providers: Sequence[Provider]) -> int:
     log.info("healthd starting", extra={"holder": config.holder, "interval": config.interval,
                                          "providers": ",".join(p.name for p in providers)})
     while not stop.is_set():
-        daemon = Healthd(config, providers)
+        daemon = Healthd(config, providers, tracing=tracing)
         task = asyncio.create_task(daemon.run(stop), name="healthd")
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -123,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         log.error("%s", err)  # noqa: TRY400 - a configuration error, not a crash: no traceback
         return 2
-    return asyncio.run(serve(config, providers))
+    tracing = setup_tracing(os.environ, service_name="bulwark-healthd")
+    return asyncio.run(serve(config, providers, host=settings.host,
+                             metrics_port=metrics.port_from(os.environ), tracing=tracing))
 
 
 if __name__ == "__main__":

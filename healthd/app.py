@@ -35,6 +35,8 @@ from bulwark.jobstore import JobsConfig
 from bulwark.providers.base import Adapter, ProbeResult
 from bulwark.providers.registry import make_adapter
 from bulwark.state import FleetRow, Health, StateRow, View
+from bulwark.telemetry import Tracing
+from healthd import metrics
 from healthd.degradation import publish_auto
 from healthd.dlq import DlqReplayer
 from healthd.leader import DB_ERRORS, LeaderLock
@@ -157,6 +159,7 @@ class Leadership:
         return self.recovery.before_probe(name)
 
     async def after_probe(self, name: str, result: ProbeResult, token: int | None) -> None:
+        metrics.probed(name, result)
         self.samples.append(HealthSample(
             provider=name, at=dt.datetime.now(dt.UTC), ok=result.ok,
             latency_ms=result.latency_ms, ttft_ms=result.ttft_ms,
@@ -165,6 +168,7 @@ class Leadership:
             self._flush_wake.set()
         previous = self.windows[name].health
         verdict = self.windows[name].add(result.ok, result.latency_ms, result.error_class)
+        metrics.HEALTH.labels(name).set(metrics.HEALTH_VALUES[verdict.health])
         if verdict.health is not previous:
             level = logging.WARNING if verdict.health is Health.UNHEALTHY else logging.INFO
             log.log(level, "health %s -> %s", previous, verdict.health, extra={
@@ -281,15 +285,21 @@ class Healthd:
     """One healthd process: its resources, and the campaign for the lock."""
 
     def __init__(self, config: HealthdConfig, providers: Sequence[Provider], *,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, tracing: Tracing | None = None) -> None:
         self.config = config
         self.providers = list(providers)
         self.env = env
+        self.tracing = tracing
         self.view = View()
+        metrics.HEARTBEAT_AGE.set_function(self._heartbeat_age)
         self.view.subscribe(self._on_row)
         self.view.subscribe_fleet(self._on_fleet)
         self.term: Leadership | None = None
         self.terms = 0
+
+    def _heartbeat_age(self) -> float:
+        age = self.view.healthd_age()
+        return float("inf") if age is None else age
 
     def _on_row(self, row: StateRow) -> None:
         if self.term is None:
@@ -365,12 +375,13 @@ class Healthd:
         loops = term.loops
         for adapter in adapters:
             loops[adapter.provider.name] = ProbeLoop(adapter, interval=cfg.interval,
-                                                     handler=term)
+                                                     handler=term, tracing=self.tracing)
         self.term = term
         dlq = DlqReplayer(cfg.dsn, self.view, self.providers,
                           replay_per_sec=cfg.jobs.replay_per_sec,
                           retention_days=cfg.jobs.retention_days,
                           tick_sec=min(cfg.interval, 1.0))
+        metrics.LEADER.set(1.0)
         jobs: list[Coroutine[Any, Any, None]] = [
             term.publish_forever(), term.recovery_timer(),
             term.flush_samples(), term.upsert_providers(), term.retention(), dlq.run(),
@@ -396,6 +407,7 @@ class Healthd:
                         return
         finally:
             self.term = None
+            metrics.LEADER.set(0.0)
             stopping.cancel()
             for task in tasks:
                 task.cancel()

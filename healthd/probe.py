@@ -15,7 +15,10 @@ import logging
 import random
 from typing import Final, Protocol
 
+from opentelemetry.trace import StatusCode
+
 from bulwark.providers.base import Adapter, ProbeResult
+from bulwark.telemetry import Tracing
 
 log = logging.getLogger("healthd.probe")
 
@@ -40,8 +43,9 @@ class ProbeLoop:
     """Probes one provider forever; `kick()` makes the next probe start now."""
 
     def __init__(self, adapter: Adapter, *, interval: float, handler: ProbeHandler,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, tracing: Tracing | None = None) -> None:
         self.adapter = adapter
+        self._tracing = tracing
         self.name = adapter.provider.name
         self.interval = interval
         # Never longer than the period (the next probe is due), never longer than the
@@ -69,6 +73,8 @@ class ProbeLoop:
             self._kicked.clear()
             started = loop.time()
             token = self._handler.before_probe(self.name)
+            span = (self._tracing.probe_span(self.adapter.provider)
+                    if self._tracing is not None else None)
             try:
                 result = await self.adapter.probe(chat=self.chat, timeout=self.timeout)
             except asyncio.CancelledError:
@@ -80,5 +86,14 @@ class ProbeLoop:
                 result = ProbeResult(ok=False, latency_ms=(loop.time() - started) * 1000,
                                      error_class=f"probe_bug:{type(err).__name__}")
             self.probes += 1
+            if span is not None:
+                span.set_attribute("bulwark.probe.ok", result.ok)
+                span.set_attribute("bulwark.probe.latency_s", result.latency_ms / 1000)
+                if result.status is not None:
+                    span.set_attribute("http.response.status_code", result.status)
+                if not result.ok:
+                    span.set_attribute("error.type", result.error_class or "unknown")
+                    span.set_status(StatusCode.ERROR, result.error_class or "probe failed")
+                span.end()
             await self._handler.after_probe(self.name, result, token)
             await self._pause(started + jittered(self.interval, self._rng) - loop.time())

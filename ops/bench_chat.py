@@ -3,6 +3,12 @@
     .venv/bin/python -m ops.bench_chat            # full run, ~4 minutes
     .venv/bin/python -m ops.bench_chat --quick    # smoke check, ~45 s
     .venv/bin/python -m ops.bench_chat --repeat 3 --duration 4   # docs/PERFORMANCE.md, ~9 min
+    .venv/bin/python -m ops.bench_chat --telemetry --no-bus --modes json,stream \
+        --concurrency 32 --repeat 3 --duration 3   # metrics and tracing cost, ~2 min
+
+With `--telemetry`: two more gateways trace 10 % and 100 % of requests
+(parentbased_traceidratio) to a local collector (rotel with its black-hole exporter), and
+after the load `GET /metrics` is timed on a formation of four web processes sharing a port.
 
 The processes, each on its own: a canned upstream (`ops/bench_upstream.py`, or the
 simulator with `--upstream sim`), the pass-through (`ops/passthrough.py`), the gateway
@@ -85,6 +91,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 TARGETS = ("direct", "passthrough", "gateway", "gateway+bus")
 GATEWAYS = ("gateway", "gateway+bus")
+#: With --telemetry: the gateway tracing 10 % and 100 % of requests to a local collector
+#: (rotel, black-hole exporter), beside `gateway` (metrics on, tracing off).
+TRACE_TARGETS = {"gateway+trace10": "0.1", "gateway+trace100": "1.0"}
+#: Issue 8's targets for the request path with metrics (and tracing at 10 %) on.
+TELEMETRY_MAX = {"json": 1.45, "stream": 1.6, "paced": 1.6}
+TRACE10_MAX = 1.6
 MODES = ("json", "stream", "paced")
 CONCURRENCY = (1, 32, 128)
 
@@ -159,12 +171,12 @@ def pinned(argv: list[str], cpus: set[int] | None) -> list[str]:
 
 
 def spawn(name: str, argv: list[str], *, env: dict[str, str], cpus: set[int] | None,
-          logs: Path) -> Proc:
+          logs: Path, cwd: Path = ROOT) -> Proc:
     log = logs / f"{name}.log"
     out: IO[bytes] = log.open("wb")
     started = time.monotonic()
     # A session of its own, so that stopping it takes down anything it started.
-    popen = subprocess.Popen(pinned(argv, cpus), cwd=ROOT, env=env, stdout=out,
+    popen = subprocess.Popen(pinned(argv, cpus), cwd=cwd, env=env, stdout=out,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              start_new_session=True)
     out.close()
@@ -464,6 +476,11 @@ class Bench:
         self.runs: list[Result] = []  # every measurement
         self.results: list[Result] = []  # one per cell: the median of its repeats
         self.targets = tuple(t for t in TARGETS if not (args.no_bus and t == "gateway+bus"))
+        if args.telemetry:
+            self.targets += tuple(TRACE_TARGETS)
+        if args.baseline:
+            self.targets += ("gateway@base",)
+        self.scrape: dict[str, float] = {}
         self.server_cpus, self.upstream_cpus, self.wrk_cpus = placement(args.no_pin)
         # Postgres, healthd and the publisher: with the upstream and wrk, off the server's.
         self.helper_cpus = (None if self.upstream_cpus is None
@@ -526,6 +543,75 @@ class Bench:
         self.pids["gateway"] = gw.pid
         if "gateway+bus" in self.targets:
             self._start_bus(py, gw_env, dsn_from_env)
+        if self.args.telemetry:
+            self._start_tracing(py, gw_env)
+        if self.args.baseline:
+            # The same gateway from another source tree (e.g. the commit before a feature),
+            # loaded in the same run: the feature's own cost, apart from the machine's mood.
+            port = self.ports["gateway@base"] = free_port()
+            env_base = dict(gw_env, BULWARK_PORT=str(port), PYTHONPATH=str(self.args.baseline))
+            proc = spawn("gateway@base", [py, "-m", self.args.gateway_module], env=env_base,
+                         cpus=self.server_cpus, logs=self.logs, cwd=self.args.baseline)
+            self.procs.append(proc)
+            self.ready["gateway@base"] = wait_ready(proc, port, "/health/live")
+            self.pids["gateway@base"] = proc.pid
+
+    def _start_tracing(self, py: str, gw_env: dict[str, str]) -> None:
+        """A local collector that drops what it receives, and one gateway per sampling ratio
+        exporting to it (every span really serialised and sent)."""
+        import rotel
+
+        agent = Path(rotel.__file__).parent / "rotel-agent"
+        otlp = free_port()
+        self._spawn("rotel", [str(agent), "start", "--otlp-http-endpoint", f"127.0.0.1:{otlp}",
+                              "--otlp-grpc-endpoint", f"127.0.0.1:{free_port()}",
+                              "--exporter", "blackhole",
+                              "--pid-file", str(self.logs / "rotel.pid"),
+                              "--log-file", str(self.logs / "rotel.out")],
+                    gw_env, self.helper_cpus)
+        for target, ratio in TRACE_TARGETS.items():
+            port = self.ports[target] = free_port()
+            proc = self._spawn(target, [py, "-m", self.args.gateway_module], dict(
+                gw_env, BULWARK_PORT=str(port), OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp}",
+                OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG=ratio,
+                OTEL_SERVICE_NAME=target), self.server_cpus)
+            self.ready[target] = wait_ready(proc, port, "/health/live")
+            self.pids[target] = proc.pid
+
+    def measure_scrape(self, processes: int = 4, scrapes: int = 50) -> None:
+        """`GET /metrics` on a formation of `processes` web processes sharing one port, after
+        traffic through them: wall time per scrape (each answer sums every process's files)."""
+        py = sys.executable
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BULWARK_", "OTEL_"))}
+        env.update(HOST="127.0.0.1", BULWARK_PORT=str(port),
+                   BULWARK_PROVIDERS=str(self.logs / "providers.toml"),
+                   PROMETHEUS_MULTIPROC_DIR=str(self.logs / "scrape-metrics"))
+        procs = [self._spawn(f"scrape-web{i}", [py, "-m", "service"], env, None)
+                 for i in range(processes)]
+        try:
+            for proc in procs:
+                wait_ready(proc, port, "/health/live")
+            for i in range(400):
+                http_post(port, chat_body("json" if i % 2 else "stream"))
+            times, size = [], 0
+            for _ in range(scrapes):
+                t0 = time.perf_counter()
+                status, body = http_get(port, "/metrics", timeout=5.0)
+                times.append(time.perf_counter() - t0)
+                if status != 200:
+                    raise RuntimeError(f"/metrics answered {status}")
+                size = len(body)
+            times.sort()
+            self.scrape = {"processes": processes, "scrapes": scrapes,
+                           "p50_ms": times[len(times) // 2] * 1000,
+                           "p95_ms": times[int(len(times) * 0.95) - 1] * 1000,
+                           "max_ms": times[-1] * 1000, "bytes": size,
+                           "series": sum(1 for line in body.splitlines()
+                                         if line and not line.startswith(b"#"))}
+        finally:
+            for proc in procs:
+                stop(proc)
 
     def _start_bus(self, py: str, gw_env: dict[str, str], dsn_from_env: str | None) -> None:
         rig = self.rig = BusRig()
@@ -575,7 +661,7 @@ class Bench:
                 status, headers, body = http_post(self.ports[target], chat_body(mode))
                 if status != 200:
                     raise RuntimeError(f"{target} {mode}: HTTP {status}: {body[:300]!r}")
-                if target in GATEWAYS and headers.get("x-bulwark-provider") != "bench":
+                if target.startswith("gateway") and headers.get("x-bulwark-provider") != "bench":
                     raise RuntimeError(f"{target} {mode}: answered by "
                                        f"{headers.get('x-bulwark-provider')!r}")
                 if mode == "json":
@@ -809,6 +895,15 @@ def report(b: Bench) -> Iterator[str]:
                        f" {r.other_util * 100:.0f} | {r.errors} |")
     yield ""
     yield from _ratio_table(b, by, modes, concs)
+    if args.telemetry:
+        yield from _telemetry_table(by, modes, concs)
+    if b.scrape:
+        sc = b.scrape
+        yield (f"`GET /metrics` with {sc['processes']:.0f} web processes on one port "
+               f"({sc['series']:.0f} series, {sc['bytes'] / 1024:.0f} KiB), {sc['scrapes']:.0f} "
+               f"scrapes: p50 {sc['p50_ms']:.1f} ms, p95 {sc['p95_ms']:.1f} ms, max "
+               f"{sc['max_ms']:.1f} ms.")
+        yield ""
     yield from _latency_table(b, by, modes)
     if has_bus:
         yield from _bus_tables(b, by, modes, concs)
@@ -873,6 +968,36 @@ def _ratio_table(b: Bench, by: dict[tuple[str, str, int], Result], modes: list[s
             yield (f"| {mode} | {c} | {pt.server_cpu_us:.1f} | {gw.server_cpu_us:.1f} "
                    f"| {ratio:.2f} | {1e6 / gw.server_cpu_us:.0f} |{extra} "
                    f"{'ok' if worst <= CPU_RATIO_MAX else 'MISSED'} |")
+    yield ""
+
+
+def _telemetry_table(by: dict[tuple[str, str, int], Result], modes: list[str],
+                     concs: list[int]) -> Iterator[str]:
+    yield ("Telemetry: CPU per request against the pass-through. `gateway` has metrics on "
+           "(always); trace10/trace100 also export spans of 10 % / 100 % of requests to a local "
+           "collector (targets: metrics ≤ 1.45× JSON, ≤ 1.6× stream; tracing at 10 % ≤ 1.6×; "
+           "100 % is reported, not judged):")
+    yield ""
+    yield ("| mode | c | pass-through µs | gateway µs | ratio | trace10 µs | ratio "
+           "| trace100 µs | ratio | verdict | gateway@base µs | ratio | gateway / base |")
+    yield "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|"
+    for mode in modes:
+        for c in concs:
+            pt = by.get(("passthrough", mode, c))
+            base = by.get(("gateway@base", mode, c))
+            cells = [by.get((t, mode, c)) for t in ("gateway", *TRACE_TARGETS)]
+            if not (pt and pt.server_cpu_us and all(r and r.server_cpu_us for r in cells)):
+                continue
+            us = [r.server_cpu_us for r in cells if r and r.server_cpu_us]
+            ratios = [u / pt.server_cpu_us for u in us]
+            ok = ratios[0] <= TELEMETRY_MAX[mode] and ratios[1] <= TRACE10_MAX
+            tail = " – | – | – |"
+            if base and base.server_cpu_us:
+                tail = (f" {base.server_cpu_us:.1f} | {base.server_cpu_us / pt.server_cpu_us:.2f} "
+                        f"| {us[0] / base.server_cpu_us:.2f} |")
+            yield (f"| {mode} | {c} | {pt.server_cpu_us:.1f} | "
+                   + " | ".join(f"{u:.1f} | {r:.2f}" for u, r in zip(us, ratios, strict=True))
+                   + f" | {'ok' if ok else 'MISSED'} |{tail}")
     yield ""
 
 
@@ -1030,6 +1155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="state changes a second the publisher writes (default 10)")
     parser.add_argument("--idle", type=float, default=5.0,
                         help="seconds of idle CPU measured on both gateways before the load")
+    parser.add_argument("--telemetry", action="store_true",
+                        help="also load gateways tracing 10 %% and 100 %% of requests to a local "
+                             "collector (rotel), and time /metrics on 4 web processes")
+    parser.add_argument("--baseline", type=Path,
+                        help="also load `gateway@base`: the gateway run from this source tree "
+                             "(e.g. `git archive <commit> | tar -x -C DIR`)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--logs", type=Path,
                         help="keep the processes' logs in this directory (default: discarded)")
@@ -1063,6 +1194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.idle:
                 bench.measure_idle(args.idle)
             bench.run()
+            if args.telemetry:
+                bench.measure_scrape()
             for name in ("passthrough", *GATEWAYS):
                 if name in bench.pids:
                     pid = bench.pids[name]
@@ -1082,7 +1215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.json.write_text(json.dumps({
                 "results": [asdict(r) for r in bench.results],
                 "runs": [asdict(r) for r in bench.runs], "ready_s": bench.ready,
-                "memory_mib": bench.memory, "idle_cpu": bench.idle,
+                "memory_mib": bench.memory, "idle_cpu": bench.idle, "scrape": bench.scrape,
                 "bus": None if bench.rig is None or bench.rig.publisher is None else {
                     "published": bench.rig.publisher.published,
                     "failed": bench.rig.publisher.failed,

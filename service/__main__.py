@@ -20,7 +20,7 @@ from bulwark.config import (
     settings_from_env,
 )
 from bulwark.logs import provider_secrets, setup_logging
-from service.app import create_app
+from bulwark.multiproc import prepare as prepare_metrics
 
 log = logging.getLogger("bulwark.web")
 
@@ -75,6 +75,11 @@ def main() -> int:
     secrets = [*provider_secrets(providers), settings.admin_token or "",
                settings.metrics_token or ""]
     setup_logging(settings.log_level, settings.log_format, secrets=secrets)
+    # Before anything imports prometheus_client (service.app does): it picks multiprocess
+    # mode at import, and every web process of this host must write to one directory.
+    prepare_metrics(settings.host, settings.port)
+    from service.app import create_app
+
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency, but optional in spirit

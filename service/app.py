@@ -27,7 +27,8 @@ from service.bulkhead import Bulkhead
 from service.dispatch import Dispatcher
 from service.edge import edge
 from service.jobs import jobs_contexts
-from service.observers import Observers, RecentFailures
+from service.observe import WebObserver, breaker_hook, sample_ctx, tracing_ctx
+from service.observers import RecentFailures
 from service.ratelimit import Limiter, PgStore
 from service.router import ProviderRuntime, Router
 from service.routes import (
@@ -39,6 +40,7 @@ from service.routes import (
     health,
     health_detailed,
     jobs,
+    metrics,
     status,
     ws,
 )
@@ -81,6 +83,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app.add_routes(admin.routes)
     app.add_routes(feedback.routes)
     app.add_routes(jobs.routes)
+    app.add_routes(metrics.routes)
     app.add_routes(openapi.routes)
     cors.install(app, settings.cors_origins)
 
@@ -97,13 +100,15 @@ def create_app(settings: Settings, providers: list[Provider], *,
     async def router_ctx(app: web.Application) -> AsyncIterator[None]:
         session = app[keys.SESSION]
         runtimes: list[ProviderRuntime] = []
+        tracing = app[keys.TRACING]
         # Until healthd is heard from, breakers recover on their own (passive mode).
         config = BreakerConfig.from_settings(settings, auto_half_open=True)
         sync = StateSync()
         for p in providers:
             adapter = make_adapter(p, session, retry_after_cap=settings.retry_after_cap_sec,
                                    env=env)
-            breaker = Breaker(p.name, config, on_transition=sync.on_transition)
+            breaker = Breaker(p.name, config,
+                              on_transition=breaker_hook(sync.on_transition, tracing))
             runtimes.append(ProviderRuntime(p, adapter, breaker,
                                             wait_sec=settings.bulkhead_wait_ms / 1000))
         router = Router(runtimes, app[keys.VIEW], healthd_interval=settings.healthd_interval_sec)
@@ -119,7 +124,8 @@ def create_app(settings: Settings, providers: list[Provider], *,
         app[keys.DISPATCHER] = Dispatcher(
             router, max_attempts=settings.max_attempts,
             backoff=Backoff(base_sec=settings.http_backoff_base_ms / 1000.0),
-            observer=Observers([recent, recorder if settings.database_url else None]),
+            observer=WebObserver(
+                [recent, recorder] if settings.database_url else [recent], tracing),
             models=app[keys.MODELS], cache=app[keys.CACHE], degradation=app[keys.DEGRADATION])
         yield
 
@@ -192,6 +198,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
         await app[keys.STREAMS].close()
 
     app.on_shutdown.append(end_streams_before_the_kill)
+    app.cleanup_ctx.append(tracing_ctx(env))
     app.cleanup_ctx.append(streams_ctx)
     app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(router_ctx)
@@ -210,6 +217,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
     if wiring is not None:
         app.cleanup_ctx.append(wiring.worker)
         app.on_shutdown.append(wiring.on_shutdown)
+    app.cleanup_ctx.append(sample_ctx)
     # Last: the document describes every route added above.
     app.cleanup_ctx.append(openapi.document_ctx)
     return app

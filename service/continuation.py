@@ -265,7 +265,7 @@ def _shutdown() -> GatewayError:
 
 
 async def continue_stream(d: Dispatcher, req: Request, sent: Tracker, plan: _Attempts,
-                          err: UpstreamError) -> None:
+                          err: UpstreamError, *, failed: str) -> None:
     """Finish the answer in `sent` after its provider failed with `err` (already recorded
     against that provider); or end it with the error event `err` calls for."""
     from service.dispatch import _stream_error
@@ -279,7 +279,8 @@ async def continue_stream(d: Dispatcher, req: Request, sent: Tracker, plan: _Att
     while (rt := await plan.next(last)) is not None:
         partial = sent.text()
         try:
-            progressed = await _attempt(d, req, sent, rt, partial, model=plan.model)
+            progressed = await _attempt(d, req, sent, rt, partial, model=plan.model,
+                                        number=plan.count, failed=failed)
         finally:
             rt.slots.leave()  # the bulkhead slot plan.next() took for this attempt
         if progressed is None:
@@ -291,15 +292,18 @@ async def continue_stream(d: Dispatcher, req: Request, sent: Tracker, plan: _Att
 
 
 async def _attempt(d: Dispatcher, req: Request, sent: Tracker, rt: ProviderRuntime,
-                   partial: str, *, model: str) -> tuple[UpstreamError, bool] | None:
+                   partial: str, *, model: str, number: int,
+                   failed: str) -> tuple[UpstreamError, bool] | None:
     """One continuing attempt. None when the stream has ended (finished, failed for good,
     or the client left); else the failure and whether this provider added text."""
     from service.dispatch import ClientGone, _stream_error
 
     mode = rt.provider.continuation
+    att = d.observer.attempt_started(rt, req, model, number)
     call = Call(request=continuation_request(req.chat, partial, mode),
                 upstream_model=rt.provider.models[model], request_id=req.request_id,
-                passthrough=req.passthrough, prefill=mode == "prefill")
+                passthrough=req.passthrough, prefill=mode == "prefill",
+                traceparent=att.traceparent)
     rewriter = _Rewriter(sent, Seam(partial), rt.name, len(partial))
     t = rt.provider.timeouts
     loop = asyncio.get_running_loop()
@@ -315,18 +319,23 @@ async def _attempt(d: Dispatcher, req: Request, sent: Tracker, rt: ProviderRunti
                 if ttft is None and ev.chunk.has_content:
                     timer.reschedule(total_at)
                     ttft = d._clock() - now
+                    att.first_token(ttft)
+                    d.observer.continued(failed, rt.name, len(partial))
                 for out in rewriter.rewrite(ev.chunk):
                     await sent.event(out)
         rt.breaker.record_success(ttft if ttft is not None else d._clock() - now)
+        att.stream_done(d._clock() - now, [])
         log.info("stream continued", extra={
             "request_id": req.request_id, "provider": rt.name, "at_char": len(partial)})
         await sent.done()
         return None
     except ClientGone:
         rt.breaker.record_ignored()
+        att.cancelled(d._clock() - now)
         return None
     except asyncio.CancelledError:
         rt.breaker.record_ignored()
+        att.cancelled(d._clock() - now)
         await sent.fail(_shutdown())
         raise
     except (UpstreamError, TimeoutError) as exc:
@@ -336,7 +345,7 @@ async def _attempt(d: Dispatcher, req: Request, sent: Tracker, rt: ProviderRunti
             failure = UpstreamError(C.TIMEOUT_FIRST_TOKEN, detail="continuation: no first token")
         else:
             failure = UpstreamError(C.TIMEOUT_TOTAL, detail="continuation passed its timeout")
-        d._failed(rt, failure, req)
+        d._failed(rt, failure, req, att, seconds=d._clock() - now, model=model)
         if sent.unsafe is not None:
             # It sent a tool call or a refusal before failing: that cannot be continued.
             await sent.fail(_stream_error(failure))
@@ -344,6 +353,7 @@ async def _attempt(d: Dispatcher, req: Request, sent: Tracker, rt: ProviderRunti
         return failure, sent.chars > before
     except Exception:
         rt.breaker.record_ignored()
+        att.cancelled(d._clock() - now)
         log.exception("continuation failed", extra={"request_id": req.request_id})
         await sent.fail(GatewayError("The gateway failed in the middle of the answer.",
                                      code="internal_error"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import Literal, NamedTuple, Protocol, TypeVar
 
 import msgspec
@@ -47,7 +47,7 @@ from bulwark.replay import (
     stored_completion,
 )
 from bulwark.retry import Backoff, retry_delay
-from bulwark.wire import ChatRequest
+from bulwark.wire import ChatCompletion, ChatRequest, Chunk
 from service.continuation import Tracker, continue_stream
 from service.router import ProviderRuntime, Router
 
@@ -90,11 +90,83 @@ class Sink(Protocol):
     async def fail(self, err: GatewayError) -> None: ...
 
 
+class Attempt(Protocol):
+    """One upstream attempt as telemetry sees it (metrics; a span when traced). Exactly one
+    of succeeded / stream_done / failed / cancelled ends it."""
+
+    @property
+    def traceparent(self) -> str | None:
+        """W3C `traceparent` to send upstream; None when not traced."""
+
+    @property
+    def watch(self) -> Callable[[AsyncGenerator[StreamEvent, None]],
+                                AsyncGenerator[StreamEvent, None]] | None:
+        """A wrapper to see every streamed event (content capture); None: nothing to see."""
+
+    def first_token(self, seconds: float) -> None: ...
+    def succeeded(self, seconds: float, completion: ChatCompletion | None) -> None: ...
+    def stream_done(self, seconds: float, tail: Sequence[Chunk]) -> None: ...
+    def failed(self, err: UpstreamError, seconds: float) -> None: ...
+    def cancelled(self, seconds: float) -> None: ...
+
+
 class Observer(Protocol):
-    """Who hears about each upstream failure (error rows, metrics)."""
+    """Who hears about each upstream attempt (error rows, metrics, traces)."""
+
+    def attempt_started(self, provider: ProviderRuntime, req: Request | EmbedRequest,
+                        model: str, number: int) -> Attempt:
+        """`model` is the gateway model being tried: the request's, or a fallback model."""
+        ...
 
     def attempt_failed(self, provider: str, err: UpstreamError, request_id: str,
                        model: str) -> None: ...
+
+    def retrying(self, provider: str, delay: float) -> None: ...
+    def failing_over(self, from_provider: str, to_provider: str) -> None: ...
+    def breaker_refused(self, provider: str) -> None: ...
+    def continued(self, from_provider: str, to_provider: str, at_char: int) -> None: ...
+
+
+class _Unobserved:
+    """Observer and Attempt in one, doing nothing: a dispatcher built without telemetry."""
+
+    traceparent = None
+    watch = None
+
+    def attempt_started(self, provider: ProviderRuntime, req: Request | EmbedRequest,
+                        model: str, number: int) -> _Unobserved:
+        return self
+
+    def attempt_failed(self, provider: str, err: UpstreamError, request_id: str,
+                       model: str) -> None:
+        pass
+
+    def retrying(self, provider: str, delay: float) -> None:
+        pass
+
+    def failing_over(self, from_provider: str, to_provider: str) -> None:
+        pass
+
+    def breaker_refused(self, provider: str) -> None:
+        pass
+
+    def continued(self, from_provider: str, to_provider: str, at_char: int) -> None:
+        pass
+
+    def first_token(self, seconds: float) -> None:
+        pass
+
+    def succeeded(self, seconds: float, completion: ChatCompletion | None) -> None:
+        pass
+
+    def stream_done(self, seconds: float, tail: Sequence[Chunk]) -> None:
+        pass
+
+    def failed(self, err: UpstreamError, seconds: float) -> None:
+        pass
+
+    def cancelled(self, seconds: float) -> None:
+        pass
 
 
 class ClientGone(Exception):
@@ -194,7 +266,7 @@ class Dispatcher:
         self.router = router
         self.max_attempts = max_attempts
         self.backoff = backoff
-        self.observer = observer
+        self.observer: Observer = observer or _Unobserved()
         self._sleep = sleep or asyncio.sleep
         self._clock = clock
         self.models = models or {}
@@ -276,8 +348,8 @@ class Dispatcher:
             "No provider can answer this model right now; retry after the delay given.",
             retry_after=plan.cooling_for or 1.0)
 
-    def _failed(self, rt: ProviderRuntime, err: UpstreamError,
-                req: Request | EmbedRequest) -> None:
+    def _failed(self, rt: ProviderRuntime, err: UpstreamError, req: Request | EmbedRequest,
+                att: Attempt, *, seconds: float, model: str) -> None:
         if err.policy.breaker:
             rt.breaker.record_failure(reason=str(err.cls))
         else:
@@ -288,12 +360,13 @@ class Dispatcher:
         log.warning("upstream attempt failed", extra={
             "provider": rt.name, "error_class": str(err.cls), "status": err.status,
             "request_id": req.request_id, "detail": err.detail})
-        if self.observer is not None:
-            self.observer.attempt_failed(rt.name, err, req.request_id, req.model)
+        att.failed(err, seconds)
+        self.observer.attempt_failed(rt.name, err, req.request_id, model)
 
-    def _call(self, rt: ProviderRuntime, req: Request, model: str) -> Call:
+    def _call(self, rt: ProviderRuntime, req: Request, model: str, att: Attempt) -> Call:
         return Call(request=req.chat, upstream_model=rt.provider.models[model],
-                    request_id=req.request_id, passthrough=req.passthrough)
+                    request_id=req.request_id, passthrough=req.passthrough,
+                    traceparent=att.traceparent)
 
     async def complete(self, req: Request) -> Answer:
         p = self._plan(req)
@@ -306,7 +379,9 @@ class Dispatcher:
         plan = _Attempts(self, req, p.cap, p.retries, p.policy.fallback_models)
         try:
             completion, provider, attempts, fallback = await self._whole(
-                req, plan, lambda rt: rt.adapter.complete(self._call(rt, req, plan.model)))
+                req, plan,
+                lambda rt, att: rt.adapter.complete(self._call(rt, req, plan.model, att)),
+                lambda c: c.parsed)
         except _NoLiveAnswer as none:
             return await self._no_live_answer(req, p, none.err, plan.count)
         if plan.model != req.chat.model:
@@ -320,36 +395,38 @@ class Dispatcher:
         """Embeddings, with the retries, breakers, failover and attempt cap of chat (no
         cache, canned reply or fallback model: a vector of another model is no answer)."""
 
-        async def once(rt: ProviderRuntime) -> EmbeddingResult:
+        async def once(rt: ProviderRuntime, att: Attempt) -> EmbeddingResult:
             e = req.embed
             result = await rt.adapter.embed(EmbedCall(
                 inputs=req.inputs, upstream_model=rt.provider.models[req.model],
                 request_id=req.request_id,
                 dimensions=e.dimensions if isinstance(e.dimensions, int) else None,
                 user=e.user if isinstance(e.user, str) else None,
-                passthrough=req.passthrough))
+                passthrough=req.passthrough, traceparent=att.traceparent))
             check_result(result, req.inputs, req.dimensions)
             return result
 
         plan = _Attempts(self, req, self.max_attempts, True, ())
         try:
-            return EmbedAnswer(*await self._whole(req, plan, once))
+            return EmbedAnswer(*await self._whole(req, plan, once, lambda _: None))
         except _NoLiveAnswer as none:
             raise none.err from None
 
     async def _whole(self, req: Request | EmbedRequest, plan: _Attempts,
-                     call: Callable[[ProviderRuntime], Awaitable[T]],
+                     call: Callable[[ProviderRuntime, Attempt], Awaitable[T]],
+                     parsed: Callable[[T], ChatCompletion | None],
                      ) -> tuple[T, str, int, Fallback]:
         """The attempt loop for a whole answer: `call` makes one upstream attempt. Raises
         the caller's own error at once, or _NoLiveAnswer when every attempt failed."""
         failures: list[UpstreamError] = []
         while (rt := await plan.next(failures[-1] if failures else None)) is not None:
-            attempts = plan.count
+            attempts, model = plan.count, plan.model
+            att = self.observer.attempt_started(rt, req, model, attempts)
             timeout = min(rt.provider.timeouts.total, req.deadline - self._clock())
             started = self._clock()
             try:
                 async with asyncio.timeout(timeout):
-                    answer = await call(rt)
+                    answer = await call(rt, att)
             except UpstreamError as err:
                 failures.append(err)
             except TimeoutError:
@@ -357,15 +434,18 @@ class Dispatcher:
             except BaseException:
                 # Cancelled (shutdown) or a bug: the half-open permit must still come back.
                 rt.breaker.record_ignored()
+                att.cancelled(self._clock() - started)
                 raise
             else:
-                rt.breaker.record_success(self._clock() - started)
+                elapsed = self._clock() - started
+                rt.breaker.record_success(elapsed)
+                att.succeeded(elapsed, parsed(answer))
                 fallback: Fallback = "failover" if failures else "none"
                 return answer, rt.name, attempts, fallback
             finally:
                 rt.slots.leave()
             last = failures[-1]
-            self._failed(rt, last, req)
+            self._failed(rt, last, req, att, seconds=self._clock() - started, model=model)
             if not last.policy.failover:
                 raise _rejected(last, False if attempts > 1 else None)
         raise _NoLiveAnswer(self._no_provider(req, failures, plan.count, full=plan.full))
@@ -400,6 +480,7 @@ class Dispatcher:
         sink = tracked or sink
         while (rt := await plan.next(failures[-1] if failures else None)) is not None:
             attempts, model = plan.count, plan.model
+            att = self.observer.attempt_started(rt, req, model, attempts)
             relabelled = model != req.chat.model
             # Chunks kept to store the whole answer once it is complete (never a part).
             kept: list[bytes] | None = [] if p.store else None
@@ -410,7 +491,9 @@ class Dispatcher:
             # chunk, then the total deadline. Idle gaps are aiohttp's sock_read timeout.
             total_at = loop.time() + min(t.total, req.deadline - now)
             first_at = min(loop.time() + t.first_token, total_at)
-            events = rt.adapter.stream(self._call(rt, req, model))
+            events = rt.adapter.stream(self._call(rt, req, model, att))
+            if att.watch is not None:
+                events = att.watch(events)
             sent = False
             try:
                 async with asyncio.timeout_at(first_at) as timer:
@@ -423,6 +506,7 @@ class Dispatcher:
                     # A long answer is not a slow provider: for streams the breaker's
                     # slow-call rule judges the time to the first token.
                     ttft = self._clock() - now
+                    att.first_token(ttft)
                     fallback: Fallback = "failover" if failures else "none"
                     if relabelled:
                         fallback = "model"
@@ -434,31 +518,32 @@ class Dispatcher:
                         kept += (ev.raw for ev in buffered)
                     for ev in buffered:
                         await sink.event(ev)
-                    if relabelled:
-                        async for ev in events:
-                            out = relabel_event(ev, model)
-                            if kept is not None:
-                                kept.append(out.raw)
-                            await sink.event(out)
-                    elif kept is not None:
-                        async for ev in events:
+                    # The last two events hold usage and finish reasons, for telemetry.
+                    before: StreamEvent | None = None
+                    last: StreamEvent | None = None
+                    async for ev in events:
+                        if relabelled:
+                            ev = relabel_event(ev, model)  # noqa: PLW2901
+                        if kept is not None:
                             kept.append(ev.raw)
-                            await sink.event(ev)
-                    else:
-                        async for ev in events:
-                            await sink.event(ev)
+                        await sink.event(ev)
+                        before, last = last, ev
                 rt.breaker.record_success(ttft)
                 await sink.done()
+                tail = buffered[-2:] if last is None else [e for e in (before, last) if e]
+                att.stream_done(self._clock() - now, [e.chunk for e in tail])
                 if kept is not None and p.key is not None and self.cache is not None:
                     # As sent; assembled into one completion only if it is ever served.
                     self.cache.remember(p.key, model, RS.join(kept), "chunks")
                 return
             except ClientGone:
                 rt.breaker.record_ignored()
+                att.cancelled(self._clock() - now)
                 return
             except asyncio.CancelledError:
                 # Shutdown past the drain period: say so rather than end the stream cleanly.
                 rt.breaker.record_ignored()
+                att.cancelled(self._clock() - now)
                 if sent:
                     await sink.fail(ServiceUnavailable(
                         "The gateway is shutting down; the answer is incomplete.",
@@ -471,10 +556,10 @@ class Dispatcher:
                     err = UpstreamError(C.TIMEOUT_TOTAL, detail="stream passed its total timeout")
                 else:
                     err = UpstreamError(C.TIMEOUT_FIRST_TOKEN, detail="no first token in time")
-                self._failed(rt, err, req)
+                self._failed(rt, err, req, att, seconds=self._clock() - now, model=model)
                 if sent and tracked is not None:
                     await events.aclose()
-                    await continue_stream(self, req, tracked, plan, err)
+                    await continue_stream(self, req, tracked, plan, err, failed=rt.name)
                     return
                 if sent:
                     await sink.fail(_stream_error(err))
@@ -486,6 +571,7 @@ class Dispatcher:
                 # A bug of ours: the permit comes back, and a started stream still ends
                 # with an error event (never a clean cut); before that, the edge renders it.
                 rt.breaker.record_ignored()
+                att.cancelled(self._clock() - now)
                 if not sent:
                     raise
                 log.exception("stream failed", extra={"request_id": req.request_id})
@@ -570,26 +656,29 @@ class _Attempts:
                 if self._budget_left() and self._take(rt):
                     self._tries += 1
                     self.count += 1
+                    d.observer.retrying(rt.name, delay)
                     return rt
         while True:
-            for rt in self._order:
+            for nxt in self._order:
                 if not self._budget_left():
                     return None
-                if self._take(rt):
-                    self._current, self._tries = rt, 1
+                if self._take(nxt):
+                    if rt is not None:
+                        d.observer.failing_over(rt.name, nxt.name)
+                    self._current, self._tries = nxt, 1
                     self.count += 1
-                    return rt
+                    return nxt
             # Every other candidate of this model is spent: wait (briefly, bounded) for a
             # full one's slot before settling for a fallback model.
             while self._full and self._budget_left():
-                rt = self._full.pop(0)
-                if await rt.slots.wait():
-                    if rt.breaker.allow():
-                        self._current, self._tries = rt, 1
+                full = self._full.pop(0)
+                if await full.slots.wait():
+                    if full.breaker.allow():
+                        self._current, self._tries = full, 1
                         self.count += 1
                         self.full = False
-                        return rt
-                    rt.slots.leave()
+                        return full
+                    full.slots.leave()
             # Every provider of this model failed, is open or rate limited: the next model.
             model = next(self._models, None)
             if model is None or not self._budget_left():
@@ -606,4 +695,5 @@ class _Attempts:
         if rt.breaker.allow():
             return True
         rt.slots.leave()
+        self._d.observer.breaker_refused(rt.name)
         return False

@@ -21,8 +21,9 @@ from bulwark.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from bulwark.telemetry import TRACED_PREFIXES
 from bulwark.wire import encoder
-from service.keys import CORS, GUARD, RATE_HEADERS, REQUEST_ID
+from service.keys import CORS, GUARD, RATE_HEADERS, REQUEST_ID, TRACING
 
 log = logging.getLogger("bulwark.web")
 
@@ -99,6 +100,13 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         if length is not None and length > request.client_max_size:
             return error_response(PayloadTooLarge(
                 f"The request body is larger than {request.client_max_size} bytes."), rid)
+    tracing = request.app[TRACING]
+    if tracing is not None and request.path.startswith(TRACED_PREFIXES):
+        return await tracing.serve(request, lambda r: _answer(r, handler, rid), rid)
+    return await _answer(request, handler, rid)
+
+
+async def _answer(request: web.Request, handler: Handler, rid: str) -> web.StreamResponse:
     # Client keys, rate limits and the process bulkhead (service/auth.py) for the API;
     # while no key exists that is a counter and one boolean.
     guard = request.app[GUARD]

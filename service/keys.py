@@ -14,6 +14,7 @@ from bulwark.config import ModelPolicy, Provider, Settings
 from bulwark.degradation import Degradation
 from bulwark.feedback import FeedbackWriter
 from bulwark.state import View
+from bulwark.telemetry import Tracing
 from service.cors import Cors
 from service.dispatch import Dispatcher
 from service.jobs import Jobs
@@ -59,6 +60,8 @@ WS = web.AppKey("ws", WsHub)
 
 #: The state bus, when a database is configured (admin writes need it).
 BUS = web.AppKey("bus", Bus)
+#: OpenTelemetry tracing, or None when no OTLP endpoint is configured.
+TRACING: web.AppKey[Tracing | None] = web.AppKey("tracing")
 #: Client keys, rate limits and the process bulkhead. Typed by annotation only: Guard
 #: sets the request keys below, so importing it here would be circular.
 GUARD: web.AppKey[Guard] = web.AppKey("guard")

@@ -1,18 +1,18 @@
 """Who hears about each failed upstream attempt, besides the breaker.
 
-The dispatcher takes one `Observer`; `Observers` hands each event to several (the
-`service_errors` recorder, the recent-failure ring below, metrics). Observers run on the
-request path: each does constant work in memory and never awaits.
+The dispatcher's observer (service/observe.py) hands each failure to every `FailureSink`
+(the `service_errors` recorder, the recent-failure ring below). They run on the request
+path: each does constant work in memory and never awaits.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from typing import Protocol
 
 from bulwark.errors import UpstreamError
-from service.dispatch import Observer
 
 #: The error mix of `/health/detailed` covers the last five minutes.
 MIX_WINDOW_SEC = 300.0
@@ -21,16 +21,12 @@ MIX_WINDOW_SEC = 300.0
 RING_SIZE = 20_000
 
 
-class Observers:
-    """Fan one failure out to every observer, in order."""
-
-    def __init__(self, observers: Iterable[Observer | None]) -> None:
-        self.observers = [o for o in observers if o is not None]
+class FailureSink(Protocol):
+    """Hears about each failed upstream attempt: the `service_errors` recorder, the
+    recent-failure ring below."""
 
     def attempt_failed(self, provider: str, err: UpstreamError, request_id: str,
-                       model: str) -> None:
-        for o in self.observers:
-            o.attempt_failed(provider, err, request_id, model)
+                       model: str) -> None: ...
 
 
 class RecentFailures:

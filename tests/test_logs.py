@@ -113,3 +113,42 @@ async def test_a_malformed_request_is_one_info_line(restore_root: None,
     assert [d["level"] for d in refused] == ["INFO"]
     assert "exc" not in refused[0]
     assert refused[0]["msg"].startswith("malformed request refused with 400")
+@pytest.mark.parametrize("prose", [
+    "no first token in time",
+    "max tokens 4096 exceeded for this model",
+    "the key to a fast answer is a warm pool",
+    "token: none received before the deadline",
+    "bearer token expired",
+    "key=value pairs are ignored",
+    "stream ended without finish_reason",
+])
+def test_prose_about_tokens_and_keys_is_not_redacted(restore_root: None, prose: str) -> None:
+    """Ordinary words after "token" or "key" reach the log line unchanged."""
+    out = io.StringIO()
+    setup_logging("INFO", "json", stream=out)
+    logging.getLogger("bulwark.dispatch").warning(prose, extra={"detail": prose})
+    doc = json.loads(out.getvalue())
+    assert doc["msg"] == prose
+    assert doc["detail"] == prose
+
+
+@pytest.mark.parametrize(("line", "secret"), [
+    ("api_key=abcd1234efgh", "abcd1234efgh"),
+    ("token: 9f8e7d6c5b4a3210", "9f8e7d6c5b4a3210"),
+    ("Authorization: Bearer eyJhbGciOi.abc.def1", "eyJhbGciOi.abc.def1"),
+    ("x-api-key: ant-abc-12345678", "ant-abc-12345678"),
+    ('{"access_token": "ya29.a0AfH6SMC"}', "ya29.a0AfH6SMC"),
+    ("password=hunter2", "hunter2"),
+    ("HTTP 401: invalid key ABCDEFGH12", "ABCDEFGH12"),
+    ("Incorrect API key provided: sk-proj-ab12**cd", "sk-proj-ab12"),
+    ("secret AIzaSyA1234567890abcdef", "AIzaSyA1234567890abcdef"),
+])
+def test_credentials_are_redacted_keeping_the_label(restore_root: None, line: str,
+                                                     secret: str) -> None:
+    """A credential after a label, or one recognisable on its own, is replaced."""
+    out = io.StringIO()
+    setup_logging("INFO", "text", stream=out)
+    logging.getLogger("bulwark.dispatch").warning(line)
+    text = out.getvalue()
+    assert secret not in text
+    assert "[redacted]" in text

@@ -355,6 +355,8 @@ class AnthropicAdapter:
             headers["x-api-key"] = key
         if call is not None:
             headers["X-Request-Id"] = call.request_id
+            if call.traceparent:
+                headers["traceparent"] = call.traceparent
         return headers, ((key,) if key else ())
 
     @asynccontextmanager

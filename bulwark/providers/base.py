@@ -41,6 +41,8 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     #: The last message is a partial assistant answer for the provider to continue
     #: (stream continuation, `continuation = "prefill"`), not a turn to answer.
     prefill: bool = False
+    #: W3C trace context of this attempt's span, sent upstream as `traceparent`.
+    traceparent: str | None = None
 
 
 class Completion(NamedTuple):

@@ -95,6 +95,8 @@ class OpenAIAdapter:
             headers["Authorization"] = f"Bearer {key}"
         if call is not None:
             headers["X-Request-Id"] = call.request_id
+            if call.traceparent:
+                headers["traceparent"] = call.traceparent
             if self.passthrough_prefix:
                 for name, value in call.passthrough.items():
                     if name.lower().startswith(self.passthrough_prefix):

@@ -9,6 +9,7 @@ import time
 import aiohttp
 from aiohttp import web
 
+from bulwark import metrics
 from bulwark.cache import parse_cache_control
 from bulwark.errors import GatewayError, NotFound, PayloadTooLarge
 from bulwark.providers.base import StreamEvent
@@ -102,15 +103,31 @@ def _examples(app: web.Application) -> dict[str, object]:
     )},
     errors=(404, 502, 503, 504))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    if idempotency.HEADER in request.headers:  # the only cost of the feature without a key
-        jobs = request.app.get(JOBS)
-        return await idempotency.idempotent(request, _chat_completions,
-                                            None if jobs is None else jobs.idempotency,
-                                            IDEMPOTENCY_RECORD)
-    return await _chat_completions(request)
+    started = time.perf_counter()
+    # [model label, stream, fallback, status]: filled in as the request goes.
+    seen: list[object] = [metrics.UNKNOWN, False, "none", 200]
+    try:
+        if idempotency.HEADER in request.headers:  # the feature's only cost without a key
+            jobs = request.app.get(JOBS)
+            resp = await idempotency.idempotent(
+                request, lambda r: _chat_completions(r, seen),
+                None if jobs is None else jobs.idempotency, IDEMPOTENCY_RECORD)
+        else:
+            resp = await _chat_completions(request, seen)
+    except GatewayError as err:
+        metrics.CHAT.done(str(seen[0]), bool(seen[1]), err.status, started)
+        raise
+    except asyncio.CancelledError:
+        metrics.CHAT.done(str(seen[0]), bool(seen[1]), 499, started)
+        raise
+    except Exception:
+        metrics.CHAT.done(str(seen[0]), bool(seen[1]), 500, started)
+        raise
+    metrics.CHAT.done(str(seen[0]), bool(seen[1]), int(str(seen[3])), started, str(seen[2]))
+    return resp
 
 
-async def _chat_completions(request: web.Request) -> web.StreamResponse:
+async def _chat_completions(request: web.Request, seen: list[object]) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise PayloadTooLarge(f"The request body is larger than {settings.max_body_bytes} bytes.")
@@ -120,12 +137,14 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         raise PayloadTooLarge(
             f"The request body is larger than {settings.max_body_bytes} bytes.") from None
     chat = _decode(body)
+    seen[1] = chat.stream
     _check_limits(chat, max_messages=settings.max_messages, max_chars=settings.max_message_chars)
     # Before the model lookup: a key limited to some models learns nothing about others.
     check_model(request, chat.model)
     if not request.app[ROUTER].has_model(chat.model):
         raise NotFound(f"The model {chat.model!r} does not exist.", code="model_not_found",
                        param="model")
+    seen[0] = chat.model
     meter = request.get(METER)  # a key with a tokens-per-minute limit
     if meter is not None:
         meter.request(chat)
@@ -145,13 +164,16 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
             answer = await dispatcher.complete(req)
             if meter is not None:
                 meter.completion(answer.completion.parsed)
+            seen[2] = answer.fallback
             return web.Response(body=answer.completion.body, content_type="application/json",
                                 headers=_chat_headers(rid, answer.provider, answer.attempts,
                                                       answer.fallback, answer.cache_age))
         sink = SseSink(request, rid)
         await dispatcher.stream(req, sink if meter is None else MeteredSink(sink, meter))
     except QueueInstead as queued:
+        seen[2], seen[3] = "queued", 202
         return await queue_instead(request, chat, queued.err)
+    seen[2], seen[3] = sink.fallback, sink.outcome
     assert sink.response is not None  # stream() raises unless it started the response
     return sink.response
 
@@ -168,9 +190,14 @@ class SseSink:
         self._pending: list[bytes] = []
         #: What was written, when an Idempotency-Key wants the stream stored.
         self._record = request.get(IDEMPOTENCY_RECORD)
+        self.fallback: Fallback = "none"
+        #: The request's status for metrics: 200, the final error event's status, or 499
+        #: when the client went away.
+        self.outcome = 200
 
     async def start(self, provider: str, attempts: int, fallback: Fallback, *,
                     cache_age: float | None = None) -> None:
+        self.fallback = fallback
         headers = _chat_headers(self._rid, provider, attempts, fallback, cache_age)
         headers.update(_SSE_HEADERS)
         headers.update(self._request.get(RATE_HEADERS) or ())
@@ -191,6 +218,7 @@ class SseSink:
         try:
             await self.response.write(data)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError) as err:
+            self.outcome = 499
             raise ClientGone from err
 
     async def event(self, ev: StreamEvent) -> None:
@@ -218,6 +246,7 @@ class SseSink:
     async def fail(self, err: GatewayError) -> None:
         # No [DONE] after an error: the openai SDK raises on the error event, and a client
         # that ignored it must not take what came before for a complete answer.
+        self.outcome = err.status
         self._request.app[STREAMS].discard(self)
         try:
             self._pending.append(b"data: " + encoder.encode(err.body()) + b"\n\n")

@@ -1,0 +1,474 @@
+"""OpenTelemetry traces, by hand: a SERVER span per request, a CLIENT span per upstream attempt.
+
+On only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set; otherwise
+`setup()` returns None and nothing here runs — no span, no context, no id. With it, spans go
+through a `BatchSpanProcessor` (a bounded queue; spans beyond it are dropped) to the OTLP/HTTP
+exporter on the SDK's own thread, so a collector that is down or slow never delays or fails
+a request: the exporter's retries and timeouts happen off the event loop.
+
+Standard variables (https://opentelemetry.io/docs/specs/otel/configuration/sdk-environment-variables/):
+`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` (+ `_ARG`, e.g.
+`parentbased_traceidratio` and `0.1`), `OTEL_PROPAGATORS` (tracecontext, baggage),
+`OTEL_EXPORTER_OTLP_[TRACES_]{ENDPOINT,HEADERS,TIMEOUT,COMPRESSION}`, `OTEL_BSP_*`,
+`OTEL_SDK_DISABLED`, `OTEL_TRACES_EXPORTER=none`. A value we cannot use falls back to the
+SDK's default with a warning; it never stops the process.
+
+Attempt spans follow the GenAI semantic conventions: named `chat {gen_ai.request.model}`,
+kind CLIENT, with `gen_ai.operation.name`, `gen_ai.provider.name` (the vendor: openai,
+anthropic, gcp.gemini), `gen_ai.request.*`, `gen_ai.response.*`, `gen_ai.usage.*` and
+`error.type`; `bulwark.provider` names the configured provider. Retries, failovers, breaker
+decisions and stream continuations are events on the request's SERVER span. Prompt and
+answer text are recorded only with `OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+from aiohttp import web
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Span, SpanContext, SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from bulwark import logs
+from bulwark.config import Provider
+from bulwark.errors import UpstreamError
+from bulwark.metrics import AttemptMetrics
+from bulwark.providers.base import StreamEvent
+from bulwark.wire import ChatCompletion, ChatRequest, Chunk
+
+log = logging.getLogger("bulwark.telemetry")
+
+CAPTURE_ENV: Final = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+#: Requests with a span of their own: the API. Health checks and scrapes arrive every second
+#: or so and would drown the traces that matter.
+TRACED_PREFIXES: Final = ("/v1/", "/admin/")
+#: gen_ai.provider.name well-known values, by provider kind.
+_VENDOR: Final = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini",
+                  "sim": "bulwark.sim"}
+#: On shutdown, pending spans get this long to leave; a collector that is down must not
+#: hold the process past honcho's 5 s kill.
+SHUTDOWN_SEC: Final = 1.0
+_SAMPLERS: Final = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
+                    "parentbased_always_off", "parentbased_traceidratio")
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def _sampler(env: Mapping[str, str]) -> tuple[Sampler, float | None]:
+    """The SDK sampler, and the share of new (root) traces to record when we decide that
+    ourselves. For the parent-based samplers (the default) we do: a request that starts a
+    trace and is not sampled then costs nothing at all — no span, no ids, no context — which
+    is most requests at 10 %. The SDK then sees only roots we chose, and callers' contexts."""
+    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    if name not in _SAMPLERS:
+        log.warning("OTEL_TRACES_SAMPLER %r is not supported; using parentbased_always_on",
+                    name)
+        name = "parentbased_always_on"
+    rate = 1.0
+    if name.endswith("traceidratio"):
+        raw = env.get("OTEL_TRACES_SAMPLER_ARG", "1.0")
+        try:
+            rate = float(raw)
+        except ValueError:
+            rate = -1.0
+        if not 0.0 <= rate <= 1.0:
+            log.warning("OTEL_TRACES_SAMPLER_ARG %r is not a ratio in [0, 1]; using 1.0", raw)
+            rate = 1.0
+    elif name.endswith("always_off"):
+        rate = 0.0
+    if name.startswith("parentbased_"):
+        return ParentBased(ALWAYS_ON), rate
+    if name == "traceidratio":
+        return TraceIdRatioBased(rate), None
+    return (ALWAYS_OFF if rate == 0.0 else ALWAYS_ON), None
+
+
+def _pairs(raw: str, what: str) -> dict[str, str]:
+    """`k=v,k2=v2` (values URL-encoded), as OTEL_RESOURCE_ATTRIBUTES and _HEADERS are."""
+    out: dict[str, str] = {}
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            log.warning("%s: ignoring %r (not key=value)", what, item.strip()[:40])
+            continue
+        out[unquote(key.strip())] = unquote(value.strip())
+    return out
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, low: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = low - 1.0
+    if not value >= low:  # also NaN
+        log.warning("%s %r is not a number >= %s; using %s", name, raw, low, default)
+        return default
+    return value
+
+
+def _endpoint(env: Mapping[str, str]) -> str | None:
+    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if traces:
+        return traces
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if not base:
+        return None
+    return base.rstrip("/") + "/v1/traces"
+
+
+def _compression(env: Mapping[str, str]) -> Compression:
+    raw = (env.get("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")
+           or env.get("OTEL_EXPORTER_OTLP_COMPRESSION") or "none").strip().lower()
+    try:
+        return Compression(raw)
+    except ValueError:
+        log.warning("OTLP compression %r is not supported; sending uncompressed", raw)
+        return Compression.NoCompression
+
+
+def _propagator(env: Mapping[str, str]) -> TextMapPropagator:
+    names = [n.strip().lower() for n in env.get("OTEL_PROPAGATORS", "tracecontext,baggage")
+             .split(",") if n.strip()]
+    chosen: list[TextMapPropagator] = []
+    for name in names:
+        if name == "tracecontext":
+            chosen.append(TraceContextTextMapPropagator())
+        elif name == "baggage":
+            chosen.append(W3CBaggagePropagator())
+        elif name != "none":
+            log.warning("OTEL_PROPAGATORS: %r is not supported; ignored", name)
+    if not chosen and "none" not in names:
+        chosen.append(TraceContextTextMapPropagator())
+    return CompositePropagator(chosen)
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() == "true"
+
+
+def setup(env: Mapping[str, str], *, service_name: str) -> Tracing | None:
+    """Tracing as the environment asks for it, or None (no endpoint, SDK disabled)."""
+    endpoint = _endpoint(env)
+    if endpoint is None or _truthy(env.get("OTEL_SDK_DISABLED")):
+        return None
+    if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+        return None
+    attributes: dict[str, Any] = {"service.name": service_name}
+    attributes.update(_pairs(env.get("OTEL_RESOURCE_ATTRIBUTES", ""), "OTEL_RESOURCE_ATTRIBUTES"))
+    if env.get("OTEL_SERVICE_NAME", "").strip():
+        attributes["service.name"] = env["OTEL_SERVICE_NAME"].strip()
+    headers = _pairs(env.get("OTEL_EXPORTER_OTLP_HEADERS", ""), "OTEL_EXPORTER_OTLP_HEADERS")
+    headers.update(_pairs(env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS", ""),
+                          "OTEL_EXPORTER_OTLP_TRACES_HEADERS"))
+    timeout = _number(env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+                      _number(env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10_000.0, low=1.0), low=1.0)
+    # The spec says milliseconds; the Python exporter takes seconds.
+    exporter = OTLPSpanExporter(endpoint=endpoint, headers=headers, timeout=timeout / 1000.0,
+                                compression=_compression(env))
+    processor = BatchSpanProcessor(
+        exporter,
+        max_queue_size=int(_number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048, low=1)),
+        schedule_delay_millis=_number(env, "OTEL_BSP_SCHEDULE_DELAY", 5000, low=1),
+        max_export_batch_size=int(min(_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, low=1),
+                                      _number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048, low=1))),
+        export_timeout_millis=_number(env, "OTEL_BSP_EXPORT_TIMEOUT", 30000, low=1))
+    sampler, root_rate = _sampler(env)
+    provider = TracerProvider(sampler=sampler, resource=Resource.create(attributes),
+                              shutdown_on_exit=False)
+    provider.add_span_processor(processor)
+    tracing = Tracing(provider, _propagator(env), capture=_truthy(env.get(CAPTURE_ENV)),
+                      root_rate=root_rate)
+    logs.trace_ids = current_ids
+    log.info("tracing on", extra={"endpoint": urlsplit(endpoint).netloc,
+                                  "service": attributes["service.name"]})
+    return tracing
+
+
+def current_ids() -> tuple[str, str] | None:
+    """The current trace and span ids (hex), for log lines; None outside a trace."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+
+
+def traceparent(ctx: SpanContext) -> str:
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def _messages(chat: ChatRequest) -> str:
+    return json.dumps([{"role": m.role, "parts": [{"type": "text", "content": m.text()}]}
+                       for m in chat.messages], ensure_ascii=False)
+
+
+def _output(text: str, finish: str | None) -> str:
+    message: dict[str, Any] = {"role": "assistant",
+                               "parts": [{"type": "text", "content": text}]}
+    if finish:
+        message["finish_reason"] = finish
+    return json.dumps([message], ensure_ascii=False)
+
+
+# -- the tracer ------------------------------------------------------------------------------
+
+
+class Tracing:
+    def __init__(self, provider: TracerProvider, propagator: TextMapPropagator, *,
+                 capture: bool, root_rate: float | None = None) -> None:
+        self.provider = provider
+        #: Share of new traces recorded, decided here (None: the SDK's sampler decides).
+        self.root_rate = root_rate
+        self.tracer = provider.get_tracer("bulwark")
+        self.propagator = propagator
+        self.capture = capture
+
+    # server side
+
+    async def serve(self, request: web.Request,
+                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                    request_id: str) -> web.StreamResponse:
+        """Run `handler` inside the request's SERVER span, continuing the client's trace
+        (a malformed `traceparent` is ignored: a new trace starts)."""
+        headers = request.headers
+        # Most requests carry no trace context: skip the propagators' parsing for them.
+        parent = (self.propagator.extract(headers)
+                  if "traceparent" in headers or "baggage" in headers else None)
+        if parent is None and not self.sample_root():
+            return await handler(request)
+        span = self.tracer.start_span(f"{request.method} {request.path}", context=parent,
+                                      kind=SpanKind.SERVER)
+        if span.is_recording():
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else ""
+            span.update_name(f"{request.method} {route}".rstrip())
+            span.set_attributes({"http.request.method": request.method,
+                                 "url.path": request.path, "http.route": route,
+                                 "bulwark.request_id": request_id})
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        try:
+            resp = await handler(request)
+        except BaseException as exc:
+            span.set_attribute("error.type", type(exc).__name__)
+            span.set_status(StatusCode.ERROR)
+            raise
+        else:
+            if span.is_recording():
+                span.set_attribute("http.response.status_code", resp.status)
+                if resp.status >= 500:
+                    span.set_attribute("error.type", str(resp.status))
+                    span.set_status(StatusCode.ERROR)
+            return resp
+        finally:
+            otel_context.detach(token)
+            span.end()
+
+    def sample_root(self) -> bool:
+        """Whether a trace starting here is recorded (always True when the SDK decides)."""
+        rate = self.root_rate
+        return rate is None or rate >= 1.0 or (rate > 0.0 and random.random() < rate)
+
+    def event(self, name: str, attributes: Mapping[str, str | int | float]) -> None:
+        """An event on the current request's span (retry, failover, breaker, continuation)."""
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event(name, attributes)
+
+    # client side
+
+    def attempt(self, metrics: AttemptMetrics, provider: Provider, chat: ChatRequest,
+                upstream_model: str, number: int) -> AttemptMetrics | TracedAttempt | Passed:
+        parent = trace.get_current_span()
+        if not parent.is_recording():
+            ctx = parent.get_span_context()
+            # Not sampled here: pass the caller's trace on unsampled, as W3C asks.
+            return Passed(metrics, traceparent(ctx)) if ctx.is_valid else metrics
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": _VENDOR.get(provider.kind, provider.kind),
+            "gen_ai.request.model": upstream_model,
+            "gen_ai.request.stream": chat.stream,
+            "bulwark.provider": provider.name,
+            "bulwark.model": chat.model,
+            "bulwark.attempt": number,
+        }
+        url = urlsplit(provider.base_url)
+        if url.hostname:
+            attributes["server.address"] = url.hostname
+            if url.port:
+                attributes["server.port"] = url.port
+        if (max_tokens := chat.max_output_tokens) is not None:
+            attributes["gen_ai.request.max_tokens"] = max_tokens
+        if isinstance(chat.temperature, float | int) and not isinstance(chat.temperature, bool):
+            attributes["gen_ai.request.temperature"] = float(chat.temperature)
+        if self.capture:
+            attributes["gen_ai.input.messages"] = _messages(chat)
+        span = self.tracer.start_span(f"chat {upstream_model}", kind=SpanKind.CLIENT,
+                                      attributes=attributes)
+        return TracedAttempt(metrics, span, capture=self.capture)
+
+    def probe_span(self, provider: Provider) -> Span | None:
+        """A span for one healthd probe (a root: probes belong to no request), or None when
+        this trace is not sampled."""
+        if not self.sample_root():
+            return None
+        return self.tracer.start_span(
+            f"health_check {provider.name}", kind=SpanKind.CLIENT,
+            attributes={"gen_ai.provider.name": _VENDOR.get(provider.kind, provider.kind),
+                        "bulwark.provider": provider.name,
+                        "bulwark.health_check": provider.health_check})
+
+    def shutdown(self) -> None:
+        """Flush what is queued, for at most SHUTDOWN_SEC; a dead collector loses it."""
+        worker = threading.Thread(target=self.provider.shutdown, name="otel-shutdown",
+                                  daemon=True)
+        worker.start()
+        worker.join(SHUTDOWN_SEC)
+
+
+class Passed:
+    """An attempt of a request that is not sampled here: metrics, and the caller's trace
+    context passed upstream."""
+
+    __slots__ = ("_m", "traceparent")
+    watch: Callable[[AsyncGenerator[StreamEvent, None]],
+                    AsyncGenerator[StreamEvent, None]] | None = None
+
+    def __init__(self, metrics: AttemptMetrics, parent: str) -> None:
+        self._m = metrics
+        self.traceparent = parent
+
+    def first_token(self, seconds: float) -> None:
+        self._m.first_token(seconds)
+
+    def succeeded(self, seconds: float, completion: ChatCompletion | None) -> None:
+        self._m.succeeded(seconds, completion)
+
+    def stream_done(self, seconds: float, tail: Sequence[Chunk]) -> None:
+        self._m.stream_done(seconds, tail)
+
+    def failed(self, err: UpstreamError, seconds: float) -> None:
+        self._m.failed(err, seconds)
+
+    def cancelled(self, seconds: float) -> None:
+        self._m.cancelled(seconds)
+
+
+class TracedAttempt:
+    """One upstream attempt with its CLIENT span; ends the span exactly once."""
+
+    def __init__(self, metrics: AttemptMetrics, span: Span, *, capture: bool) -> None:
+        self._m = metrics
+        self._span = span
+        self._streaming = False
+        self._text: list[str] = []
+        self._capture = capture
+        self.traceparent = traceparent(span.get_span_context())
+        self.watch = self._watch if capture else None
+
+    async def _watch(self, events: AsyncGenerator[StreamEvent, None]
+                     ) -> AsyncGenerator[StreamEvent, None]:
+        """Only with content capture on: collect the streamed text for the span."""
+        try:
+            async for ev in events:
+                for choice in ev.chunk.choices:
+                    if isinstance(choice.delta.content, str):
+                        self._text.append(choice.delta.content)
+                yield ev
+        finally:
+            await events.aclose()
+
+    def first_token(self, seconds: float) -> None:
+        self._m.first_token(seconds)
+        self._streaming = True
+        self._span.add_event("gen_ai.first_chunk", {"bulwark.ttft_s": seconds})
+
+    def _response(self, response_id: str, model: str, finish: list[str],
+                  input_tokens: int | None, output_tokens: int | None, *,
+                  output: str | None) -> None:
+        # One call, one lock: set_attribute per key costs the SDK a lock round each.
+        attributes: dict[str, Any] = {"gen_ai.response.id": response_id,
+                                      "gen_ai.response.model": model}
+        if finish:
+            attributes["gen_ai.response.finish_reasons"] = finish
+        if input_tokens is not None:
+            attributes["gen_ai.usage.input_tokens"] = input_tokens
+        if output_tokens is not None:
+            attributes["gen_ai.usage.output_tokens"] = output_tokens
+        if output is not None:
+            attributes["gen_ai.output.messages"] = output
+        self._span.set_attributes(attributes)
+        self._span.end()
+
+    def succeeded(self, seconds: float, completion: ChatCompletion | None) -> None:
+        self._m.succeeded(seconds, completion)
+        if completion is None:
+            return
+        usage = completion.usage
+        finish = [c.finish_reason for c in completion.choices if c.finish_reason]
+        output = None
+        if self._capture:
+            text = "".join(c.message.content or "" for c in completion.choices[:1])
+            output = _output(text, finish[0] if finish else None)
+        self._response(completion.id, completion.model, finish,
+                       usage.prompt_tokens if usage else None,
+                       usage.completion_tokens if usage else None, output=output)
+
+    def stream_done(self, seconds: float, tail: Sequence[Chunk]) -> None:
+        self._m.stream_done(seconds, tail)
+        finish = [c.finish_reason for chunk in tail for c in chunk.choices if c.finish_reason]
+        usage = next((c.usage for c in tail if c.usage is not None), None)
+        last = tail[-1] if tail else None
+        output = (_output("".join(self._text), finish[0] if finish else None)
+                  if self._capture else None)
+        self._response(last.id if last else "", last.model if last else "", finish,
+                       usage.prompt_tokens if usage else None,
+                       usage.completion_tokens if usage else None, output=output)
+
+    def failed(self, err: UpstreamError, seconds: float) -> None:
+        self._m.failed(err, seconds)
+        attributes: dict[str, Any] = {"error.type": str(err.cls)}
+        if err.status is not None:
+            attributes["http.response.status_code"] = err.status
+        self._span.set_attributes(attributes)
+        self._span.set_status(StatusCode.ERROR, str(err.cls))
+        if self._streaming:
+            # The client already had part of the answer: the request failed too.
+            server = trace.get_current_span()
+            if server.is_recording():
+                server.set_attribute("error.type", str(err.cls))
+                server.set_status(StatusCode.ERROR, "stream failed after its first byte")
+        self._span.end()
+
+    def cancelled(self, seconds: float) -> None:
+        self._m.cancelled(seconds)
+        self._span.set_attribute("error.type", "cancelled")
+        self._span.end()
