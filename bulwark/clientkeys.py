@@ -42,7 +42,8 @@ _KEY = re.compile(r"^bwk_([0-9a-f]{12})_[A-Za-z0-9_-]{43}$")
 #: A name is for people reading lists: printable, bounded.
 Name = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Limit = Annotated[int, Meta(ge=1, le=1_000_000_000)]
-ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+#: No control characters (Postgres text cannot even hold NUL); no model is named so.
+ModelName = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -34,9 +34,21 @@ MAX_INPUT_TOKENS = 8192
 CHARS_PER_TOKEN = 4
 
 
+_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_INPUT_CHARS}
+_TOKENS = {"type": "array", "items": {"type": "integer"}, "minItems": 1,
+           "maxItems": MAX_INPUT_TOKENS}
+
+
 class EmbeddingRequest(msgspec.Struct, kw_only=True, omit_defaults=True,
                        forbid_unknown_fields=True):
-    input: str | list[Any]
+    #: A string, a list of strings, a token array, or a list of token arrays; nothing
+    #: empty, at most MAX_INPUTS. check() enforces it (with errors of its own); the
+    #: schema says it, for the OpenAPI document.
+    input: (Annotated[str, Meta(extra_json_schema=_TEXT)]
+            | Annotated[list[Any], Meta(extra_json_schema={"anyOf": [
+                {"items": _TEXT, "minItems": 1, "maxItems": MAX_INPUTS},
+                _TOKENS,
+                {"items": _TOKENS, "minItems": 1, "maxItems": MAX_INPUTS}]})])
     model: Annotated[str, Meta(min_length=1, max_length=256)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Meta(ge=1, le=65_536)] | UnsetType = UNSET
@@ -54,9 +66,14 @@ class Inputs(msgspec.Struct, frozen=True):
         return len(self.texts) or len(self.tokens)
 
 
+def _is_token(t: object) -> bool:
+    # JSON does not tell 7 from 7.0 (JSON Schema's "integer" includes 7.0): both are ids.
+    return (isinstance(t, int) and not isinstance(t, bool)) or (
+        isinstance(t, float) and t.is_integer())
+
+
 def _is_tokens(value: object) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value)
+    return isinstance(value, list) and all(_is_token(t) for t in value)
 
 
 def check(req: EmbeddingRequest) -> Inputs:
@@ -89,7 +106,7 @@ def check(req: EmbeddingRequest) -> Inputs:
             if len(item) > MAX_INPUT_TOKENS:
                 raise InvalidRequest(f"Input {i} is longer than {MAX_INPUT_TOKENS} tokens.",
                                      code="input_too_long", param=param)
-            tokens.append(item)
+            tokens.append([int(t) for t in item])
         else:
             raise InvalidRequest("`input` must be a string, a list of strings, or token arrays "
                                  "(not mixed).", code="invalid_input", param=param)
@@ -156,22 +173,22 @@ def check_result(result: EmbeddingResult, inputs: Inputs, dimensions: int | None
             f"embeddings: vectors of {size} dimensions, {dimensions} expected"))
 
 
-class _Item(msgspec.Struct, kw_only=True):
+class Embedding(msgspec.Struct, kw_only=True):
     object: str = "embedding"
     index: int
     embedding: list[float] | str
 
 
-class _Usage(msgspec.Struct, kw_only=True):
+class EmbeddingUsage(msgspec.Struct, kw_only=True):
     prompt_tokens: int
     total_tokens: int
 
 
-class _List(msgspec.Struct, kw_only=True):
+class EmbeddingList(msgspec.Struct, kw_only=True):
     object: str = "list"
-    data: list[_Item]
+    data: list[Embedding]
     model: str
-    usage: _Usage
+    usage: EmbeddingUsage
 
 
 _encoder = msgspec.json.Encoder()
@@ -180,10 +197,10 @@ _encoder = msgspec.json.Encoder()
 def encode_response(result: EmbeddingResult, *, model: str,
                     encoding_format: Literal["float", "base64"]) -> bytes:
     """The OpenAI `list` of embeddings, under the gateway's model name."""
-    data = [_Item(index=i, embedding=base64_of(v) if encoding_format == "base64" else v)
+    data = [Embedding(index=i, embedding=base64_of(v) if encoding_format == "base64" else v)
             for i, v in enumerate(result.vectors)]
-    usage = _Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
-    return _encoder.encode(_List(data=data, model=model, usage=usage))
+    usage = EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+    return _encoder.encode(EmbeddingList(data=data, model=model, usage=usage))
 
 
 request_decoder = msgspec.json.Decoder(EmbeddingRequest)

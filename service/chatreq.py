@@ -37,15 +37,35 @@ def check_limits(chat: ChatRequest, *, max_messages: int, max_chars: int) -> Non
                                  code="message_too_long", param=f"messages[{i}].content")
 
 
+def _flag(headers: Mapping[str, str], name: str) -> bool | None:
+    """A `true`/`false` header; absent: None; anything else: 400 naming it (a typo must
+    not silently mean `false`)."""
+    value = headers.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    if value not in ("true", "false"):
+        raise InvalidRequest(f"{name} must be true or false.", code="invalid_header",
+                             param=name)
+    return value == "true"
+
+
 def wants_continuation(headers: Mapping[str, str], policy: ModelPolicy | None) -> bool:
     """`x-bulwark-continue` when the client sent it (on the request, or on a socket's
     upgrade), else the model's `continue_streams`."""
-    header = headers.get("x-bulwark-continue")
+    header = _flag(headers, "x-bulwark-continue")
     if header is not None:
-        return header.strip().lower() == "true"
+        return header
     return policy is not None and policy.continue_streams
+
+
+def check_flags(headers: Mapping[str, str]) -> None:
+    """400 for a bad `x-bulwark-continue`/`x-bulwark-accept-canned`, before anything
+    else (an Idempotency-Key replay included) could hide it."""
+    _flag(headers, "x-bulwark-continue")
+    _flag(headers, "x-bulwark-accept-canned")
 
 
 def accepts_canned(request: web.Request) -> bool:
     """`x-bulwark-accept-canned: true`: the model's canned reply is an acceptable answer."""
-    return request.headers.get("x-bulwark-accept-canned", "").strip().lower() == "true"
+    return _flag(request.headers, "x-bulwark-accept-canned") is True

@@ -64,17 +64,20 @@ REQUEST_HEADERS: Mapping[str, Header] = {
         "characters; anything else is replaced by a gateway id.", {"type": "string"}),
     "Idempotency-Key": Header(
         "The same key with the same body within 24 hours returns the first result.",
-        {"type": "string", "minLength": 1, "maxLength": 255}),
-    "Prefer": Header("`respond-async`: become a job (202) when nothing can answer now.",
-                     {"type": "string", "enum": ["respond-async"]}),
+        {"type": "string", "pattern": "^[!-~]([ -~]{0,253}[!-~])?$"}),
+    "Prefer": Header("`respond-async`: become a job (202) when nothing can answer now "
+                     "(RFC 7240; other preferences are ignored).", {"type": "string"}),
     "Cache-Control": Header(
-        "`no-store` keeps the answer out of the cache; `no-cache` refuses a stored one.",
-        {"type": "string", "enum": ["no-store", "no-cache"]}),
+        "`no-store` keeps the answer out of the cache; `no-cache` refuses a stored one; "
+        "other directives are ignored.", {"type": "string"}),
     "x-bulwark-accept-canned": Header(
         "`true`: the model's canned reply is acceptable when nothing can answer.", _FLAG),
     "x-bulwark-continue": Header(
         "`true`: a stream whose provider fails mid-answer is continued by the next one.",
         _FLAG),
+    "x-bulwark-operator": Header(
+        "Who is acting, for the audit trail (default `admin`); up to 100 characters.",
+        {"type": "string"}),
 }
 
 #: Response headers an operation's responses may name (`Body.headers`/`optional_headers`).
@@ -97,6 +100,11 @@ RESPONSE_HEADERS: Mapping[str, Header] = {
         "`false` once the gateway has retried or failed over itself: do not retry again.",
         _FLAG),
     "Location": Header("Where the created resource is.", {"type": "string"}),
+    "Idempotent-Replayed": Header(
+        "`true`: the stored response of an earlier request with this Idempotency-Key.",
+        {"type": "string", "enum": ["true"]}),
+    "Preference-Applied": Header("`respond-async`: the request became a job (RFC 7240).",
+                                 {"type": "string", "enum": ["respond-async"]}),
     **{f"x-ratelimit-{what}-{unit}": Header(
         f"OpenAI's rate limit header: {what} {unit} of the client key.",
         {"type": "string"} if what == "reset" else {"type": "integer"})

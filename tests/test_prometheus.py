@@ -258,7 +258,8 @@ async def test_a_real_prometheus_scrapes_two_web_processes_and_every_panel_has_d
     assert float(failover[0]["value"][1]) >= 1
     failed = await prom.query(
         'sum(bulwark_upstream_attempts_total{provider="alpha", result="server_error"})')
-    assert float(failed[0]["value"][1]) >= 6
+    # At least the breaker's threshold (5): then alpha's breaker opens, on the bus too.
+    assert float(failed[0]["value"][1]) >= 5
     leader = await prom.query('bulwark_healthd_leader{job="bulwark-healthd"}')
     assert float(leader[0]["value"][1]) == 1.0
 

@@ -245,13 +245,20 @@ def split_events(buf: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
 
 
 async def read_json_body(resp: aiohttp.ClientResponse) -> bytes:
+    # Not `content.read(BODY_LIMIT + 1)`: that returns what is buffered so far, which for a
+    # large answer (embeddings of many dimensions) is a truncated body.
+    chunks: list[bytes] = []
+    size = 0
     try:
-        raw = await resp.content.read(BODY_LIMIT + 1)
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > BODY_LIMIT:
+                raise UpstreamError(C.MALFORMED_RESPONSE,
+                                    detail="response body over the size limit")
+            chunks.append(chunk)
     except (aiohttp.ClientError, OSError) as err:
         raise translate(err, phase="body") from err
-    if len(raw) > BODY_LIMIT:
-        raise UpstreamError(C.MALFORMED_RESPONSE, detail="response body over the size limit")
-    return raw
+    return b"".join(chunks)
 
 
 async def sse_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, bytes]]:

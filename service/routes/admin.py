@@ -35,8 +35,23 @@ from bulwark.errors import (
 )
 from bulwark.report import duration_sec, reliability_report
 from bulwark.wire import encoder
-from service.inputs import invalid
+from service.bodies import (
+    AdminBreakerList,
+    BreakerChanged,
+    ClientKey,
+    ClientKeyCreated,
+    ClientKeyList,
+    DegradationCleared,
+    DegradationSet,
+    DegradationState,
+    DlqPage,
+    DlqPurged,
+    DlqRequeued,
+    ReliabilityReport,
+)
+from service.inputs import decode_body, decode_query, invalid
 from service.keys import BUS, GUARD, ROUTER, SETTINGS, VIEW
+from service.openapi import describe
 
 routes = web.RouteTableDef()
 
@@ -48,6 +63,8 @@ SOURCE = "admin"
 MAX_BODY = 16 * 1024
 #: Ten years: "no expiry" for expires_in_sec would be null; anything past this is a typo.
 MAX_EXPIRY_SEC = 10 * 365 * 86_400.0
+#: A page of dead jobs: enough to act on, bounded so that a huge DLQ is no huge answer.
+DLQ_PAGE_MAX = 500
 
 Level = Literal["normal", "minor", "moderate", "severe", "critical"]
 Reason = Annotated[str, Meta(min_length=1, max_length=500)]
@@ -69,6 +86,27 @@ class SetDegradation(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     expires_in_sec: Expiry | None = None
 
 
+class WithReason(msgspec.Struct, frozen=True, kw_only=True):
+    """The query of a DELETE: why, for the audit trail."""
+
+    reason: Annotated[str, Meta(max_length=500)] = ""
+
+
+class ReportQuery(msgspec.Struct, frozen=True, kw_only=True):
+    #: The window: `24h`, `30m`, `7d`, `1w`, `90s` or plain seconds, up to 10 years.
+    since: Annotated[str, Meta(pattern=r"^\s*\d+(\.\d+)?\s*[smhdw]?\s*$")] = "24h"
+
+
+class DlqQuery(msgspec.Struct, frozen=True, kw_only=True):
+    limit: Annotated[int, Meta(ge=1, le=DLQ_PAGE_MAX)] = 100
+    #: Only dead jobs of this model.
+    model: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+
+
+_WRITE = ("x-bulwark-operator",)
+_TAGS = ("admin",)
+
+
 async def _body(request: web.Request, kind: type[T], *, from_query: bool = False) -> T:
     """The JSON body as `kind`; 400 naming the field when it does not fit."""
     if request.content_length is not None and request.content_length > MAX_BODY:
@@ -76,17 +114,16 @@ async def _body(request: web.Request, kind: type[T], *, from_query: bool = False
     raw = await request.content.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise PayloadTooLarge(f"The body is larger than {MAX_BODY} bytes.")
+    if raw.strip():
+        # decode_body: a 400 naming the field, and `"rpm": 60.0` is 60 (JSON cannot tell).
+        return decode_body(raw, msgspec.json.Decoder(kind))
     try:
-        if raw.strip():
-            return msgspec.json.decode(raw, type=kind)
         if from_query and request.query:
             return msgspec.convert(dict(request.query), kind, strict=False)
         # No body: the defaults, or a 400 naming the first required field.
         return msgspec.convert({}, kind)
     except msgspec.ValidationError as err:
         raise invalid(err) from None
-    except msgspec.DecodeError:
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
 
 
 def _digest(value: str) -> bytes:
@@ -185,6 +222,8 @@ def _live(value: Any, now: float) -> Any:
 # -- breakers ---------------------------------------------------------------------------------
 
 @routes.get("/admin/reliability/circuit-breakers")
+@describe("Every provider's breaker, fleet-wide and in this process", tags=_TAGS,
+          responses={200: AdminBreakerList})
 async def list_breakers(request: web.Request) -> web.Response:
     authorize(request)
     view, router = request.app[VIEW], request.app[ROUTER]
@@ -207,6 +246,9 @@ async def list_breakers(request: web.Request) -> web.Response:
 
 
 @routes.post("/admin/reliability/circuit-breakers/{provider}/force-open")
+@describe("Force a provider's breaker open, fleet-wide", tags=_TAGS, request=ForceOpen,
+          responses={200: BreakerChanged}, errors=(404, 503), headers=_WRITE,
+          description="No traffic goes to it until it is reset or `expires_in_sec` passes.")
 async def force_open(request: web.Request) -> web.Response:
     authorize(request)
     name = _provider(request)
@@ -234,6 +276,9 @@ async def force_open(request: web.Request) -> web.Response:
 
 
 @routes.post("/admin/reliability/circuit-breakers/{provider}/reset")
+@describe("Close a provider's breaker, fleet-wide (ends a force-open)", tags=_TAGS,
+          request=Reset, responses={200: BreakerChanged}, errors=(404, 503),
+          headers=_WRITE)
 async def reset(request: web.Request) -> web.Response:
     authorize(request)
     name = _provider(request)
@@ -260,6 +305,10 @@ async def reset(request: web.Request) -> web.Response:
 
 
 @routes.post("/admin/reliability/degradation")
+@describe("Override the degradation level, fleet-wide", tags=_TAGS, request=SetDegradation,
+          responses={200: DegradationSet}, errors=(503,), headers=_WRITE,
+          description=("Also accepted without a body as query parameters "
+                       "(`?level=&reason=&expires_in_sec=`), for a quick curl."))
 async def set_degradation(request: web.Request) -> web.Response:
     authorize(request)
     body = await _body(request, SetDegradation, from_query=True)
@@ -280,9 +329,12 @@ async def set_degradation(request: web.Request) -> web.Response:
 
 
 @routes.delete("/admin/reliability/degradation")
+@describe("Back to the automatic degradation level, fleet-wide", tags=_TAGS,
+          query=WithReason, responses={200: DegradationCleared}, errors=(400, 503),
+          headers=_WRITE)
 async def clear_degradation(request: web.Request) -> web.Response:
     authorize(request)
-    reason = request.query.get("reason", "")
+    reason = decode_query(request.query, WithReason).reason
     actor, address = _who(request)
 
     async def op(conn: Any) -> None:
@@ -295,6 +347,8 @@ async def clear_degradation(request: web.Request) -> web.Response:
 
 
 @routes.get("/admin/reliability/degradation")
+@describe("The degradation level in force, and its operator and automatic rows",
+          tags=_TAGS, responses={200: DegradationState})
 async def get_degradation(request: web.Request) -> web.Response:
     """The rows as this process holds them (operators check one process against another)."""
     authorize(request)
@@ -307,14 +361,21 @@ async def get_degradation(request: web.Request) -> web.Response:
 # -- reports --------------------------------------------------------------------------------
 
 @routes.get("/admin/reliability/reports/reliability")
+@describe("The reliability report", tags=_TAGS, query=ReportQuery,
+          responses={200: ReliabilityReport}, errors=(400, 503),
+          description="The same figures as `python -m healthd report --json`.")
 async def reliability(request: web.Request) -> web.Response:
     """The reliability report over `?since=` (24h by default): one Postgres read, on the
     admin path only. The same figures as `python -m healthd report`."""
     authorize(request)
+    text = decode_query(request.query, ReportQuery).since
     try:
-        since = duration_sec(request.query.get("since", "24h"))
+        since = duration_sec(text)
     except ValueError as err:
         raise InvalidRequest(str(err), code="invalid_since", param="since") from None
+    if since > MAX_EXPIRY_SEC:  # Postgres intervals end somewhere; a report needs no more
+        raise InvalidRequest(f"since {text!r} is longer than ten years.", code="invalid_since",
+                             param="since")
 
     async def op(conn: Any) -> dict[str, Any]:
         return await reliability_report(conn, since)
@@ -336,22 +397,16 @@ class DlqPurge(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     older_than_sec: Annotated[float, Meta(ge=0)] | None = None
 
 
-#: A page of dead jobs: enough to act on, bounded so that a huge DLQ is no huge answer.
-DLQ_PAGE_MAX = 500
 
 
 @routes.get("/admin/reliability/dlq")
+@describe("The dead-letter queue: counts and dead jobs, oldest first", tags=_TAGS,
+          query=DlqQuery, responses={200: DlqPage}, errors=(400, 503))
 async def list_dlq(request: web.Request) -> web.Response:
     """Dead jobs, oldest first (`?model=`, `?limit=` up to 500), with the queue's counts."""
     authorize(request)
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        limit = -1
-    if not 1 <= limit <= DLQ_PAGE_MAX:
-        raise InvalidRequest(f"limit must be an integer from 1 to {DLQ_PAGE_MAX}.",
-                             code="invalid_request", param="limit")
-    model = request.query.get("model") or None
+    query = decode_query(request.query, DlqQuery)
+    limit, model = query.limit, query.model
 
     async def op(conn: Any) -> dict[str, Any]:
         return {**await jobstore.dlq_counts(conn),
@@ -361,6 +416,8 @@ async def list_dlq(request: web.Request) -> web.Response:
 
 
 @routes.post("/admin/reliability/dlq/{job_id}/retry")
+@describe("Put a dead job back in the queue", tags=_TAGS, request=DlqRetry,
+          responses={200: DlqRequeued}, errors=(404, 503), headers=_WRITE)
 async def retry_dlq(request: web.Request) -> web.Response:
     """Put one dead job back in the queue now (attempts and age reset); 404 if not dead."""
     authorize(request)
@@ -381,6 +438,8 @@ async def retry_dlq(request: web.Request) -> web.Response:
 
 
 @routes.post("/admin/reliability/dlq/purge")
+@describe("Delete dead jobs", tags=_TAGS, request=DlqPurge, responses={200: DlqPurged},
+          errors=(503,), headers=_WRITE)
 async def purge_dlq(request: web.Request) -> web.Response:
     """Delete dead jobs (of `model`, dead longer than `older_than_sec`), with a reason."""
     authorize(request)
@@ -401,6 +460,8 @@ async def purge_dlq(request: web.Request) -> web.Response:
 # -- client keys ------------------------------------------------------------------------------
 
 @routes.get("/admin/keys")
+@describe("Every client key (never the keys themselves)", tags=_TAGS,
+          responses={200: ClientKeyList}, errors=(503,))
 async def list_keys(request: web.Request) -> web.Response:
     authorize(request)
     records = await _write(request, "list keys", clientkeys.list_all)
@@ -411,6 +472,9 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 @routes.post("/admin/keys")
+@describe("Create a client key", tags=_TAGS, request=clientkeys.NewKey,
+          responses={201: ClientKeyCreated}, errors=(503,), headers=_WRITE,
+          description="The answer holds the key itself: the only time it is ever shown.")
 async def create_key(request: web.Request) -> web.Response:
     authorize(request)
     new = await _body(request, clientkeys.NewKey)
@@ -422,14 +486,16 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 @routes.delete("/admin/keys/{key_id}")
+@describe("Revoke a client key, fleet-wide", tags=_TAGS, query=WithReason,
+          responses={200: ClientKey}, errors=(400, 404, 503), headers=_WRITE)
 async def revoke_key(request: web.Request) -> web.Response:
     authorize(request)
     key_id = request.match_info["key_id"]
-    reason = clean(request.query.get("reason", ""))
+    reason = clean(decode_query(request.query, WithReason).reason)
     actor, address = _who(request)
     record = await _write(request, "revoke key", lambda conn: clientkeys.revoke(
         conn, key_id, actor=actor, address=address, source=SOURCE, reason=reason))
     if record is None:
         raise NotFound(f"No client key has the id {key_id!r}.", code="key_not_found",
-                       param="id")
+                       param="key_id")
     return _json(clientkeys.public(record))

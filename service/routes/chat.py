@@ -16,7 +16,8 @@ from bulwark.providers.base import StreamEvent
 from bulwark.wire import ChatCompletion, ChatRequest, Chunk, ModelCard, ModelList, encoder
 from service import idempotency
 from service.auth import check_model
-from service.chatreq import accepts_canned, wants_continuation
+from service.bodies import JobAccepted
+from service.chatreq import accepts_canned, check_flags, wants_continuation
 from service.chatreq import check_limits as _check_limits
 from service.chatreq import decode_chat as _decode
 from service.dispatch import ClientGone, Fallback, QueueInstead, Request
@@ -76,7 +77,12 @@ def _chat_headers(rid: str, provider: str, attempts: int, fallback: Fallback,
 
 
 _ANSWER_HEADERS = ("x-bulwark-provider", "x-bulwark-attempts", "x-bulwark-fallback")
-_MAYBE_HEADERS = ("x-bulwark-degradation", "x-bulwark-cache-age")
+_MAYBE_HEADERS = ("x-bulwark-degradation", "x-bulwark-cache-age", "Idempotent-Replayed")
+_QUEUED = Body(JobAccepted, description=(
+    "`Prefer: respond-async` and nothing could answer now: the request is a job; poll "
+    "`Location`."), headers=("Location", "Preference-Applied", "x-bulwark-provider",
+                             "x-bulwark-fallback"),
+    optional_headers=("x-bulwark-degradation", "Idempotent-Replayed"))
 
 
 def _examples(app: web.Application) -> dict[str, object]:
@@ -100,13 +106,16 @@ def _examples(app: web.Application) -> dict[str, object]:
         Body(ChatCompletion, headers=_ANSWER_HEADERS, optional_headers=_MAYBE_HEADERS),
         Body(media="text/event-stream", events=Chunk, headers=_ANSWER_HEADERS,
              optional_headers=_MAYBE_HEADERS),
-    )},
-    errors=(404, 502, 503, 504))
+    ), 202: _QUEUED},
+    headers=("Idempotency-Key", "Prefer", "Cache-Control", "x-bulwark-accept-canned",
+             "x-bulwark-continue"),
+    errors=(404, 409, 422, 502, 503, 504))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     # [model label, stream, fallback, status]: filled in as the request goes.
     seen: list[object] = [metrics.UNKNOWN, False, "none", 200]
     try:
+        check_flags(request.headers)
         if idempotency.HEADER in request.headers:  # the feature's only cost without a key
             jobs = request.app.get(JOBS)
             resp = await idempotency.idempotent(

@@ -9,7 +9,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from bulwark.wire import encoder
+from service.bodies import DegradationStatus
 from service.keys import DEGRADATION
+from service.openapi import describe
 
 routes = web.RouteTableDef()
 
@@ -18,6 +20,8 @@ CHAT_PATHS = frozenset({"/v1/chat/completions"})
 
 
 @routes.get("/health/degradation")
+@describe("The fleet's degradation level", tags=("health",),
+          responses={200: DegradationStatus})
 async def degradation(request: web.Request) -> web.Response:
     """The level every web process applies, where it comes from, why, since and until when."""
     status = request.app[DEGRADATION].status()

@@ -32,7 +32,8 @@ from bulwark.history import History
 from bulwark.state import Health
 from service.keys import PROVIDERS, RECENT_FAILURES, ROUTER, SETTINGS, STATUS, VIEW
 from service.observers import MIX_WINDOW_SEC
-from service.routes.health import Status, _health, readiness
+from service.openapi import describe
+from service.routes.health import _FAIL, _PASS_WARN, Status, _health, readiness
 from service.status_board import DB_ERRORS
 
 routes = web.RouteTableDef()
@@ -100,6 +101,10 @@ def provider_checks(app: web.Application, hist: History) -> dict[str, list[Check
 
 
 @routes.get("/health/detailed")
+@describe("Everything an operator checks first", tags=("health",),
+          responses={200: _PASS_WARN, 503: _FAIL},
+          description=("Readiness, Postgres, the bus, and per provider (`componentId`) its "
+                       "health, breaker, last probe, TTFT and recent errors."))
 async def detailed(request: web.Request) -> web.Response:
     app = request.app
     settings, view, board = app[SETTINGS], app[VIEW], app[STATUS]

@@ -9,7 +9,7 @@ waits on Postgres. Without DATABASE_URL they answer 503 `jobs_unavailable`.
 from __future__ import annotations
 
 import re
-from typing import Any, Final
+from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -27,9 +27,11 @@ from bulwark.errors import (
 from bulwark.wire import ChatRequest, encoder
 from service import idempotency
 from service.auth import check_model
+from service.bodies import DlqCounts, Job, JobAccepted
 from service.chatreq import check_limits, decode_chat
 from service.jobs import Jobs
-from service.keys import IDEMPOTENCY_RECORD, JOBS, REQUEST_ID, ROUTER, SETTINGS
+from service.keys import IDEMPOTENCY_RECORD, JOBS, MODELS, REQUEST_ID, ROUTER, SETTINGS
+from service.openapi import Body, describe
 from service.respond_async import accepted
 
 routes = web.RouteTableDef()
@@ -45,7 +47,21 @@ class JobIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     metadata: dict[str, Any] | None = None
 
 
+class JobRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """JobIn as the document shows it: `request` is decoded (as a chat body) only after
+    the envelope, so that its errors are named `request.…`; it may not stream."""
+
+    request: Annotated[ChatRequest, msgspec.Meta(extra_json_schema={
+        "properties": {"stream": {"const": False}}})]
+    #: Called (signed) when the job ends; needs the gateway's BULWARK_WEBHOOK_SECRET.
+    callback_url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^/?#\s]+")] | None = None
+    metadata: dict[str, Any] | None = None
+
+
 _job_in = msgspec.json.Decoder(JobIn)
+#: A JSON-escaped NUL (not an escaped backslash before "u0000"): Postgres text and jsonb
+#: cannot hold one, so a job carrying it could never be stored.
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 _FIELD = re.compile(r"(?:missing required|unknown) field `([^`]*)`")
 
@@ -111,7 +127,27 @@ def _check_callback(request: web.Request, url: str) -> None:
                              "available.", code="callbacks_unavailable", param="callback_url")
 
 
+_ACCEPTED = Body(JobAccepted, headers=("Location",), optional_headers=("Idempotent-Replayed",),
+                 description="Queued: poll `Location`.")
+_JOB = Body(Job)
+_JOB_TAGS = ("jobs",)
+
+
+def _examples(app: web.Application) -> dict[str, object]:
+    model = min(app[MODELS].keys(), default="default")
+    return {"job": {"request": {"model": model,
+                                "messages": [{"role": "user", "content": "Hello!"}]},
+                    "metadata": {"ticket": "T-1"}}}
+
+
 @routes.post("/v1/chat/jobs")
+@describe("Submit a chat request as a durable job", tags=_JOB_TAGS,
+          request=Body(JobRequest, examples=_examples),
+          headers=("Idempotency-Key",), responses={202: _ACCEPTED},
+          errors=(404, 409, 422, 503),
+          description=("Answered 202 once the job is stored. 409: a request with this "
+                       "Idempotency-Key is still running; 422: the key was used with "
+                       "another body. See docs/JOBS.md."))
 async def create_job(request: web.Request) -> web.StreamResponse:
     if idempotency.HEADER in request.headers:
         return await idempotency.idempotent(request, _create_job, idempotency_store(request),
@@ -120,17 +156,21 @@ async def create_job(request: web.Request) -> web.StreamResponse:
 
 
 async def _create_job(request: web.Request) -> web.StreamResponse:
-    jobs = _jobs(request)
     settings = request.app[SETTINGS]
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise PayloadTooLarge(f"The request body is larger than {settings.max_body_bytes} bytes.")
-    job = _envelope(await request.read())
+    body = await request.read()  # first: an oversize body is a 413 whatever else is wrong
+    jobs = _jobs(request)
+    job = _envelope(body)
     try:
         chat: ChatRequest = decode_chat(bytes(job.request))
         check_limits(chat, max_messages=settings.max_messages,
                       max_chars=settings.max_message_chars)
     except InvalidRequest as err:
         raise _nested(err) from None
+    if _NUL.search(job.request):
+        raise InvalidRequest("A job cannot hold NUL characters (\\u0000).",
+                             code="invalid_request", param="request")
     if chat.stream:
         raise InvalidRequest("A job's answer is stored, not streamed: leave stream off.",
                              code="invalid_request", param="request.stream")
@@ -143,6 +183,9 @@ async def _create_job(request: web.Request) -> web.StreamResponse:
     metadata = None
     if job.metadata is not None:
         metadata = encoder.encode(job.metadata)
+        if _NUL.search(metadata):
+            raise InvalidRequest("A job cannot hold NUL characters (\\u0000).",
+                                 code="invalid_request", param="metadata")
         if len(metadata) > jobs.config.metadata_max_bytes:
             raise PayloadTooLarge(f"metadata is larger than {jobs.config.metadata_max_bytes} "
                                   "bytes of JSON.", code="metadata_too_large", param="metadata")
@@ -159,6 +202,8 @@ def _job_id(request: web.Request) -> str:
 
 
 @routes.get("/v1/chat/jobs/{job_id}")
+@describe("A job's status, and its answer once done", tags=_JOB_TAGS,
+          responses={200: _JOB}, errors=(404, 503))
 async def get_job(request: web.Request) -> web.Response:
     jobs = _jobs(request)
     job_id = _job_id(request)
@@ -169,6 +214,8 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 @routes.delete("/v1/chat/jobs/{job_id}")
+@describe("Cancel a queued job", tags=_JOB_TAGS, responses={200: _JOB}, errors=(404, 409, 503),
+          description="409 `job_not_cancellable` once it runs or has ended.")
 async def cancel_job(request: web.Request) -> web.Response:
     jobs = _jobs(request)
     job_id = _job_id(request)
@@ -182,6 +229,8 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 
 @routes.get("/health/dlq")
+@describe("Dead-letter queue counts", tags=("health",), responses={200: DlqCounts},
+          errors=(503,))
 async def dlq(request: web.Request) -> web.Response:
     """The dead-letter queue's size (a Postgres read, cached for a second)."""
     jobs = request.app.get(JOBS)

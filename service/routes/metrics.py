@@ -7,11 +7,16 @@ import asyncio
 from aiohttp import web
 
 from bulwark import metrics
+from service.openapi import Body, describe
 
 routes = web.RouteTableDef()
 
 
 @routes.get("/metrics")
+@describe("Prometheus metrics of every web process of this host", tags=("operations",),
+          description=("Prometheus text exposition format, names starting `bulwark_`. When "
+                       "`BULWARK_METRICS_TOKEN` is set, a bearer token is required."),
+          responses={200: Body(str, media="text/plain")}, errors=(401,), auth="none")
 async def scrape(request: web.Request) -> web.Response:
     # This process's latest counts first (on the loop's thread, where they are counted).
     metrics.flush()

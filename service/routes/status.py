@@ -16,6 +16,7 @@ from importlib import resources
 from aiohttp import web
 
 from service.keys import PROVIDERS, ROUTER, SETTINGS, STATUS, VIEW
+from service.openapi import Body, describe
 from service.status_board import StatusBoard, sse
 
 routes = web.RouteTableDef()
@@ -49,12 +50,19 @@ def _asset(name: str) -> web.Response:
                         headers=_PAGE_HEADERS)
 
 
+_TAGS = ("status",)
+
+
 @routes.get("/status")
+@describe("The status page (HTML)", tags=_TAGS,
+          responses={200: Body(str, media="text/html", description="The page.")})
 async def page(request: web.Request) -> web.Response:
     return _asset("status.html")
 
 
 @routes.get("/status/static/{name}")
+@describe("The status page's script and style sheet", tags=_TAGS, errors=(404,),
+          responses={200: (Body(str, media="text/javascript"), Body(str, media="text/css"))})
 async def asset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in _ASSETS or name.endswith(".html"):
@@ -63,6 +71,11 @@ async def asset(request: web.Request) -> web.Response:
 
 
 @routes.get("/status/events")
+@describe("The status page's live feed", tags=_TAGS, responses={200: Body(
+    str, media="text/event-stream", description=(
+        "Endless Server-Sent Events: `retry: 2000`, then `event: state` with the whole "
+        "state as JSON in `data`, first at once and again whenever it changes; a "
+        "`: keepalive` comment every 15 s."))})
 async def events(request: web.Request) -> web.StreamResponse:
     """The board's snapshots as Server-Sent Events (`event: state`), the current one first."""
     board = request.app[STATUS]

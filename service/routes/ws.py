@@ -26,7 +26,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import WSMsgType, web
@@ -48,6 +48,7 @@ from service.chatreq import accepts_canned, check_limits, decode_chat, wants_con
 from service.dispatch import Fallback, Request
 from service.edge import new_request_id
 from service.keys import DISPATCHER, MODELS, REQUEST_ID, ROUTER, SETTINGS, STREAMS, VIEW, WS
+from service.openapi import describe
 from service.sync import process_name
 from service.wsanswers import AnswerStore, Finished, Outcome, Whole, scope_of
 from service.wshub import WsHub
@@ -396,7 +397,17 @@ class Connection:
             self.request_close(1012, b"service restart")
 
 
+class WsQuery(msgspec.Struct, frozen=True, kw_only=True):
+    #: Your session token, to resume its answers on a new socket; none: a new session.
+    session: Annotated[str, msgspec.Meta(pattern=f"^{_SESSION.pattern}$")] | None = None
+
+
 @routes.get("/v1/ws")
+@describe("Chat over a WebSocket", tags=("chat",), query=WsQuery,
+          responses={101: None},
+          errors=(400,),
+          description=("A WebSocket upgrade (`Connection: Upgrade`, `Upgrade: websocket`); a "
+                       "plain GET is a 400 `websocket_expected`. See docs/WEBSOCKET.md."))
 async def websocket(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     session = request.query.get("session")
