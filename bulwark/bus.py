@@ -160,6 +160,12 @@ FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $
             $7::text[]) AS u(a, p, r, m, e, s, d)
 """
 
+_INSERT_FALLBACKS = """
+INSERT INTO fallback_events (at, kind, model, provider)
+SELECT a, k, m, p FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[])
+    AS u(a, k, m, p)
+"""
+
 _UPSERT_PROVIDERS = """
 INSERT INTO providers (name, kind, base_url, priority, weight, models, updated_at)
 SELECT n, k, b, p, w, m, now()
@@ -199,6 +205,15 @@ class ServiceError(msgspec.Struct, frozen=True, kw_only=True):
     status: int | None = None
     detail: str | None = None
     at: datetime | None = None  # None: the database's now()
+
+
+class FallbackEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One answer that was not the first choice's (a `fallback_events` row)."""
+
+    kind: str
+    at: datetime
+    model: str | None = None
+    provider: str | None = None
 
 
 class _Lost:
@@ -711,6 +726,19 @@ class Bus:
 
         return await self._write("record_errors", op) is not None
 
+    async def record_fallbacks(self, events: Sequence[FallbackEvent]) -> bool:
+        """Insert fallback events in one statement; False when the database is unreachable."""
+        if not events:
+            return True
+
+        async def op(conn: _PoolConn) -> bool:
+            await conn.execute(_INSERT_FALLBACKS, [e.at for e in events],
+                               [e.kind for e in events], [e.model for e in events],
+                               [e.provider for e in events])
+            return True
+
+        return await self._write("record_fallbacks", op) is not None
+
     async def record_error(
         self,
         *,
@@ -790,7 +818,8 @@ async def prune(conn: _Executor, *, keep_days: float) -> dict[str, int]:
     statement per table, and the (at) indexes make the scan cheap.
     """
     deleted: dict[str, int] = {}
-    for table in ("breaker_events", "health_samples", "service_errors"):
+    for table in ("breaker_events", "health_samples", "service_errors", "fallback_events",
+                  "feedback"):
         status = await conn.execute(
             f"DELETE FROM {table} WHERE at < now() - make_interval(secs => $1::float8)",  # noqa: S608
             keep_days * 86_400,

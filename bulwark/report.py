@@ -14,10 +14,9 @@ Per provider:
 - failures by class: the classified upstream failures web processes saw (`service_errors`),
   and the probe failures by class (`health_samples`).
 
-Fallbacks by kind (failover, model, cache, canned, queued) are not in these tables: web
-records failures, not how each answer came about. When a `fallback_events` table exists
-(at timestamptz, kind text, model text) it is read; until then the report says
-`"fallbacks_by_kind": null` and why, rather than guessing from failures.
+Fleet-wide: fallbacks by kind (failover, model, cache, canned, queued) from
+`fallback_events`, which web processes write in batches for every answer the first choice
+could not give; and what users said of the answers (`feedback`).
 
 Times come from the database's clock (`now()`), never from the caller's host.
 """
@@ -28,10 +27,11 @@ import re
 from collections import defaultdict
 from typing import Any, Protocol
 
-#: The note shown while no table records how answers came about.
-NO_FALLBACK_SOURCE = ("fallbacks by kind are not recorded yet (no fallback_events table); "
-                      "failures by class show what the providers did")
+import msgspec
 
+from bulwark.feedback import feedback_summary
+
+#: The note shown while no table records how answers came about.
 
 class Conn(Protocol):
     """An asyncpg connection or pool connection."""
@@ -40,6 +40,9 @@ class Conn(Protocol):
                     timeout: float | None = None) -> list[Any]: ...
 
     async def fetchval(self, query: str, *args: object, column: int = 0,
+                       timeout: float | None = None) -> Any: ...
+
+    async def fetchrow(self, query: str, *args: object,
                        timeout: float | None = None) -> Any: ...
 
 
@@ -85,8 +88,6 @@ GROUP BY 1, 2
 """
 
 _PROVIDERS = "SELECT name FROM providers"
-
-_HAS_FALLBACKS = "SELECT to_regclass('fallback_events') IS NOT NULL"
 
 _FALLBACKS = """
 SELECT kind, count(*)::int AS n FROM fallback_events
@@ -179,12 +180,9 @@ async def reliability_report(conn: Conn, since_sec: float) -> dict[str, Any]:
         "providers": providers,
         "unrouted_failures_by_class": dict(sorted(fleet_failures.items())),
     }
-    if await conn.fetchval(_HAS_FALLBACKS):
-        report["fallbacks_by_kind"] = {
-            r["kind"]: r["n"] for r in await conn.fetch(_FALLBACKS, since)}
-    else:
-        report["fallbacks_by_kind"] = None
-        report["notes"] = [NO_FALLBACK_SOURCE]
+    report["fallbacks_by_kind"] = {
+        r["kind"]: r["n"] for r in await conn.fetch(_FALLBACKS, since)}
+    report["feedback"] = msgspec.to_builtins(await feedback_summary(conn, float(since_sec)))
     return report
 
 
@@ -230,10 +228,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"{c} {n}" for c, n in report["unrouted_failures_by_class"].items()))
     lines.append("")
     fallbacks = report["fallbacks_by_kind"]
-    if fallbacks is None:
-        lines.append("Fallbacks by kind: not recorded.")
-    else:
-        lines.append("Fallbacks by kind: " + (", ".join(
-            f"{k} {n}" for k, n in sorted(fallbacks.items())) or "none"))
-    lines.extend(f"Note: {n}" for n in report.get("notes", []))
+    lines.append("Fallbacks by kind: " + (", ".join(
+        f"{k} {n}" for k, n in sorted(fallbacks.items())) or "none"))
+    fb = report["feedback"]
+    lines.append(f"Feedback: {fb['count']} rating(s)" + (
+        f", mean score {fb['score_mean']:.2f} (0..1)" if fb["score_mean"] is not None else ""))
     return "\n".join(lines) + "\n"

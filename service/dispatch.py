@@ -24,6 +24,7 @@ from typing import Literal, NamedTuple, Protocol, TypeVar
 
 import msgspec
 
+from bulwark import metrics
 from bulwark.cache import RS, Hit, ResponseCache, cache_key
 from bulwark.config import DEFAULT_POLICY, ModelPolicy
 from bulwark.degradation import Degradation, Level
@@ -296,6 +297,7 @@ class Dispatcher:
         severe and above, a client that accepts a job gets one without waiting."""
         if p.first and p.cache is not None and p.key is not None:
             answer = _from_cache(await p.cache.lookup(p.key, p.policy.cache_ttl_sec), 0)
+            _count_lookup(req.chat.model, answer)
             if answer is not None:
                 return answer
         if p.level >= Level.SEVERE and req.may_queue:
@@ -311,6 +313,7 @@ class Dispatcher:
             # A Postgres read on the failure path, bounded by the cache's lookup timeout.
             answer = _from_cache(await p.cache.lookup(p.key, p.policy.cache_ttl_sec),
                                  attempts)
+            _count_lookup(req.chat.model, answer)
             if answer is not None:
                 return answer
         if req.accept_canned and p.policy.canned_reply:
@@ -590,6 +593,11 @@ class _NoLiveAnswer(Exception):
 
     def __init__(self, err: GatewayError) -> None:
         self.err = err
+
+
+def _count_lookup(model: str, answer: Answer | None) -> None:
+    # Lookups happen on the failure path and in `first` mode only: a labels() call is fine.
+    metrics.CACHE_LOOKUPS.labels(model, "miss" if answer is None else "hit").inc()
 
 
 def _from_cache(hit: Hit | None, attempts: int) -> Answer | None:

@@ -25,19 +25,24 @@ from aiohttp import web
 from bulwark import metrics
 from bulwark.breaker import State, Transition
 from bulwark.bus import Bus
-from bulwark.errors import UpstreamError
+from bulwark.degradation import effective
+from bulwark.errors import ServiceUnavailable, UpstreamError
 from bulwark.metrics import AttemptMetrics
 from bulwark.state import Health, View
 from bulwark.telemetry import Tracing
 from bulwark.telemetry import setup as setup_tracing
 from service import keys
 from service.dispatch import Attempt, EmbedRequest, Request
+from service.jobs import Jobs
 from service.observers import FailureSink
 from service.router import ProviderRuntime, Router
+from service.wshub import WsHub
 
 #: Gauges copied from memory this often: a scrape every 1–15 s sees at most 1 s old values,
 #: and the copy costs a few microseconds per provider.
 SAMPLE_SEC: Final = 1.0
+#: The jobs table is read every fifth sample: a DLQ grows over minutes, not seconds.
+JOBS_SAMPLE_TICKS: Final = 5
 
 
 class WebObserver:
@@ -99,26 +104,16 @@ def breaker_hook(then: Callable[[Transition], None],
     return on_transition
 
 
-def effective_degradation(view: View, now: float) -> str:
-    """The fleet's level (COMMON fleet keys): an unexpired operator override, else healthd's."""
-    operator = view.fleet_value("degradation/operator")
-    if isinstance(operator, dict):
-        expires = operator.get("expires_at")
-        if not isinstance(expires, int | float) or expires > now:
-            return str(operator.get("level", "normal"))
-    auto = view.fleet_value("degradation/auto")
-    if isinstance(auto, dict):
-        return str(auto.get("level", "normal"))
-    return "normal"
-
-
 class Sampler:
     """Copies state kept in memory into gauges (and bus counters into counters)."""
 
-    def __init__(self, router: Router, view: View, bus: Bus | None) -> None:
+    def __init__(self, router: Router, view: View, bus: Bus | None, *,
+                 ws: WsHub | None = None, jobs: Jobs | None = None) -> None:
         self.router = router
         self.view = view
         self.bus = bus
+        self.ws = ws
+        self.jobs = jobs
         self._seen = {"reloads": 0, "reconnects": 0, "applied": 0}
         self._rtt_beats = 0
 
@@ -138,8 +133,9 @@ class Sampler:
                     available[model] += 1
         for model, count in available.items():
             metrics.AVAILABLE_PROVIDERS.labels(model).set(count)
-        metrics.DEGRADATION.set(metrics.degradation_value(
-            effective_degradation(self.view, time.time())))
+        metrics.DEGRADATION.set(float(effective(self.view, time.time())[0]))
+        if self.ws is not None:
+            metrics.WEBSOCKETS.set(len(self.ws.sockets))
         if self.bus is None:
             return
         age = self.view.healthd_age()
@@ -158,9 +154,26 @@ class Sampler:
         if bus.last_heartbeat_at is not None:
             metrics.BUS_LAST_HEARTBEAT.set(bus.last_heartbeat_at)
 
+    async def sample_jobs(self) -> None:
+        """The queue's counts: one Postgres read (cached a second, shared with
+        /health/dlq), every JOBS_SAMPLE_SEC, off the request path."""
+        if self.jobs is None:
+            return
+        try:
+            counts = await self.jobs.dlq()
+        except ServiceUnavailable:
+            return  # the store is unreachable: the gauges keep their last values
+        metrics.DLQ_MESSAGES.set(counts["dead"])
+        for status in ("queued", "running", "dead"):
+            metrics.JOBS.labels(status).set(counts[status])
+
     async def run(self) -> None:
+        ticks = 0
         while True:
             self.sample()
+            if ticks % JOBS_SAMPLE_TICKS == 0:
+                await self.sample_jobs()
+            ticks += 1
             await asyncio.sleep(SAMPLE_SEC)
 
 
@@ -168,7 +181,8 @@ async def sample_ctx(app: web.Application) -> AsyncIterator[None]:
     """Runs after the bus's context: the sampler reads the bus when there is one."""
     router = app[keys.ROUTER]
     metrics.initialise({rt.name: list(rt.provider.models) for rt in router.runtimes.values()})
-    sampler = Sampler(router, app[keys.VIEW], app.get(keys.BUS))
+    sampler = Sampler(router, app[keys.VIEW], app.get(keys.BUS), ws=app.get(keys.WS),
+                      jobs=app.get(keys.JOBS))
     task = asyncio.create_task(sampler.run(), name="metrics-sampler")
     try:
         yield

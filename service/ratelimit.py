@@ -39,6 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
+from bulwark import metrics
 from bulwark.errors import GatewayError, RateLimited
 from bulwark.providers.base import StreamEvent
 from bulwark.wire import ChatCompletion, ChatRequest, Chunk
@@ -346,6 +347,7 @@ class Limiter:
         need = 1.0 if d is b.req else 1.0 - min(0.0, d.local) if d is not None else 1.0
         wait = d.wait_for(need, now) if d is not None else 1.0
         which = "tokens" if d is not None and d is b.tok else "requests"
+        metrics.RATE_LIMITED.labels(which).inc()
         raise RateLimited(
             f"This key is over its {which} per minute limit; retry after the delay given.",
             code="rate_limit_exceeded", retry_after=max(wait, self.interval))

@@ -22,7 +22,7 @@ import msgspec
 
 from bulwark import forced
 from bulwark.breaker import State, Transition
-from bulwark.bus import Bus, ServiceError
+from bulwark.bus import Bus, FallbackEvent, ServiceError
 from bulwark.errors import UpstreamError
 from bulwark.state import FleetRow, StateRow
 from service.router import Router
@@ -130,7 +130,16 @@ class ErrorRecorder:
 
     def __init__(self) -> None:
         self._pending: list[ServiceError] = []
+        self._fallbacks: list[FallbackEvent] = []
         self.dropped = 0
+
+    def fallback_used(self, kind: str, model: str, provider: str) -> None:
+        """An answer that was not the first choice's, for the reliability report."""
+        if len(self._fallbacks) >= self.MAX_PENDING:
+            self._fallbacks.pop(0)
+            self.dropped += 1
+        self._fallbacks.append(FallbackEvent(kind=kind, model=model, provider=provider,
+                                             at=datetime.now(UTC)))
 
     def attempt_failed(self, provider: str, err: UpstreamError, request_id: str,
                        model: str) -> None:
@@ -150,3 +159,6 @@ class ErrorRecorder:
         batch, self._pending = self._pending, []
         if batch and not await bus.record_errors(batch):
             self.dropped += len(batch)
+        used, self._fallbacks = self._fallbacks, []
+        if used and not await bus.record_fallbacks(used):
+            self.dropped += len(used)

@@ -300,3 +300,19 @@ async def test_reliability_report_endpoint(
     assert (status, body["error"]["param"]) == (400, "since")
     status, _, _ = await call(gw, "GET", "/admin/reliability/reports/reliability", token=None)
     assert status == 401
+
+
+async def test_fallbacks_are_recorded_for_the_report(
+        sim: SimFactory, gateway: GatewayFactory, pg_clean: str, db: asyncpg.Connection) -> None:
+    """A failover answer is written (in the background) to fallback_events with its kind,
+    model and provider, and the reliability report counts it."""
+    gw, alpha, _ = await make(sim, gateway, pg_clean)
+    await alpha.script(then={"status": 503})
+    assert await chat(gw) == (200, "beta")
+
+    async def recorded() -> list[asyncpg.Record]:
+        return await db.fetch("select kind, model, provider from fallback_events")
+    rows = await until(recorded, what="the fallback row")
+    assert [tuple(r) for r in rows] == [("failover", "default", "beta")]
+    status, body, _ = await call(gw, "GET", "/admin/reliability/reports/reliability?since=1h")
+    assert (status, body["fallbacks_by_kind"]) == (200, {"failover": 1})

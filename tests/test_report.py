@@ -11,7 +11,7 @@ import sys
 import asyncpg
 import pytest
 
-from bulwark.report import NO_FALLBACK_SOURCE, reliability_report
+from bulwark.report import reliability_report
 from healthd.report import parse_duration
 from tests.procs import ROOT
 
@@ -60,7 +60,7 @@ async def seed(db: asyncpg.Connection) -> None:
 async def test_report_per_provider(db: asyncpg.Connection) -> None:
     """Availability from probes, opens/outages/recoveries and MTTR from breaker events (an
     outage begun before the period counts from its real start), failures by class from
-    service_errors, nothing older than the period; fallbacks are reported as unrecorded."""
+    service_errors, nothing older than the period; no fallback recorded, none reported."""
     await seed(db)
     report = await reliability_report(db, 24 * 3600)
     assert report["until"] - report["since"] == pytest.approx(24 * 3600)
@@ -80,8 +80,7 @@ async def test_report_per_provider(db: asyncpg.Connection) -> None:
     # A configured provider with no history at all is listed, with nothing measured.
     assert gamma["availability"] is None and gamma["breaker_opens"] == 0
     assert report["unrouted_failures_by_class"] == {"no_provider": 1}
-    assert report["fallbacks_by_kind"] is None
-    assert report["notes"] == [NO_FALLBACK_SOURCE]
+    assert report["fallbacks_by_kind"] == {}
 
     short = await reliability_report(db, 30 * 60)
     assert short["providers"]["alpha"]["breaker_opens"] == 0
@@ -89,21 +88,18 @@ async def test_report_per_provider(db: asyncpg.Connection) -> None:
     assert short["providers"]["beta"]["open_at_end"] is True
 
 
-async def test_report_reads_fallback_events_when_the_table_exists(
-        db: asyncpg.Connection) -> None:
-    """Once a `fallback_events` table exists, fallbacks by kind are counted from it."""
-    await db.execute("CREATE TABLE fallback_events (at timestamptz NOT NULL DEFAULT now(), "
-                     "kind text NOT NULL, model text)")
-    try:
-        await db.execute("INSERT INTO fallback_events (kind, model, at) VALUES "
-                         "('failover', 'default', now()), ('failover', 'default', now()), "
-                         "('canned', 'default', now()), "
-                         "('cache', 'default', now() - interval '2 days')")
-        report = await reliability_report(db, 3600)
-        assert report["fallbacks_by_kind"] == {"failover": 2, "canned": 1}
-        assert "notes" not in report
-    finally:
-        await db.execute("DROP TABLE fallback_events")
+async def test_report_counts_fallbacks_by_kind_and_feedback(db: asyncpg.Connection) -> None:
+    """Fallbacks by kind are counted from `fallback_events`, and feedback is summarised,
+    both within the period only."""
+    await db.execute("INSERT INTO fallback_events (kind, model, at) VALUES "
+                     "('failover', 'default', now()), ('failover', 'default', now()), "
+                     "('canned', 'default', now()), "
+                     "('cache', 'default', now() - interval '2 days')")
+    await db.execute("INSERT INTO feedback (request_id, rating, scale, score) VALUES "
+                     "('req_1', 1, 'thumbs', 1.0), ('req_2', -1, 'thumbs', 0.0)")
+    report = await reliability_report(db, 3600)
+    assert report["fallbacks_by_kind"] == {"failover": 2, "canned": 1}
+    assert report["feedback"]["count"] == 2
 
 
 def test_durations_parse() -> None:
@@ -137,7 +133,8 @@ async def test_cli_prints_the_report(db: asyncpg.Connection, pg_clean: str) -> N
     assert rows["alpha"][1:8] == ["80.00%", "10", "2", "1", "2", "3630.0", "no"]
     assert rows["beta"][1] == "100.00%" and rows["beta"][7] == "yes"
     assert "alpha: server_error 3/2, timeout_first_token 1/0" in out
-    assert "Fallbacks by kind: not recorded." in out
+    assert "Fallbacks by kind: none" in out
+    assert "Feedback: 0 rating(s)" in out
 
     code, out, err = await run_cli(pg_clean, "--since", "24h", "--json")
     assert code == 0, err

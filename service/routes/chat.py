@@ -24,6 +24,7 @@ from service.dispatch import ClientGone, Fallback, QueueInstead, Request
 from service.keys import (
     CLIENT_KEY,
     DISPATCHER,
+    ERRORS,
     IDEMPOTENCY_RECORD,
     JOBS,
     METER,
@@ -112,8 +113,7 @@ def _examples(app: web.Application) -> dict[str, object]:
     errors=(404, 409, 422, 502, 503, 504))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    # [model label, stream, fallback, status]: filled in as the request goes.
-    seen: list[object] = [metrics.UNKNOWN, False, "none", 200]
+    seen = _Outcome()
     try:
         check_flags(request.headers)
         if idempotency.HEADER in request.headers:  # the feature's only cost without a key
@@ -124,19 +124,34 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         else:
             resp = await _chat_completions(request, seen)
     except GatewayError as err:
-        metrics.CHAT.done(str(seen[0]), bool(seen[1]), err.status, started)
+        metrics.CHAT.done(seen.model, seen.stream, err.status, started)
         raise
     except asyncio.CancelledError:
-        metrics.CHAT.done(str(seen[0]), bool(seen[1]), 499, started)
+        metrics.CHAT.done(seen.model, seen.stream, 499, started)
         raise
     except Exception:
-        metrics.CHAT.done(str(seen[0]), bool(seen[1]), 500, started)
+        metrics.CHAT.done(seen.model, seen.stream, 500, started)
         raise
-    metrics.CHAT.done(str(seen[0]), bool(seen[1]), int(str(seen[3])), started, str(seen[2]))
+    metrics.CHAT.done(seen.model, seen.stream, seen.status, started, seen.fallback)
+    if seen.fallback != "none" and request.app[SETTINGS].database_url:
+        request.app[ERRORS].fallback_used(seen.fallback, seen.model, seen.provider)
     return resp
 
 
-async def _chat_completions(request: web.Request, seen: list[object]) -> web.StreamResponse:
+class _Outcome:
+    """What became of one chat request, for metrics and the fallback history."""
+
+    __slots__ = ("fallback", "model", "provider", "status", "stream")
+
+    def __init__(self) -> None:
+        self.model: str = metrics.UNKNOWN  # a configured name once the body is decoded
+        self.stream = False
+        self.fallback: Fallback = "none"
+        self.status = 200
+        self.provider = ""
+
+
+async def _chat_completions(request: web.Request, seen: _Outcome) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise PayloadTooLarge(f"The request body is larger than {settings.max_body_bytes} bytes.")
@@ -146,14 +161,14 @@ async def _chat_completions(request: web.Request, seen: list[object]) -> web.Str
         raise PayloadTooLarge(
             f"The request body is larger than {settings.max_body_bytes} bytes.") from None
     chat = _decode(body)
-    seen[1] = chat.stream
+    seen.stream = chat.stream
     _check_limits(chat, max_messages=settings.max_messages, max_chars=settings.max_message_chars)
     # Before the model lookup: a key limited to some models learns nothing about others.
     check_model(request, chat.model)
     if not request.app[ROUTER].has_model(chat.model):
         raise NotFound(f"The model {chat.model!r} does not exist.", code="model_not_found",
                        param="model")
-    seen[0] = chat.model
+    seen.model = chat.model
     meter = request.get(METER)  # a key with a tokens-per-minute limit
     if meter is not None:
         meter.request(chat)
@@ -173,16 +188,16 @@ async def _chat_completions(request: web.Request, seen: list[object]) -> web.Str
             answer = await dispatcher.complete(req)
             if meter is not None:
                 meter.completion(answer.completion.parsed)
-            seen[2] = answer.fallback
+            seen.fallback, seen.provider = answer.fallback, answer.provider
             return web.Response(body=answer.completion.body, content_type="application/json",
                                 headers=_chat_headers(rid, answer.provider, answer.attempts,
                                                       answer.fallback, answer.cache_age))
         sink = SseSink(request, rid)
         await dispatcher.stream(req, sink if meter is None else MeteredSink(sink, meter))
     except QueueInstead as queued:
-        seen[2], seen[3] = "queued", 202
+        seen.fallback, seen.status = "queued", 202
         return await queue_instead(request, chat, queued.err)
-    seen[2], seen[3] = sink.fallback, sink.outcome
+    seen.fallback, seen.status, seen.provider = sink.fallback, sink.outcome, sink.provider
     assert sink.response is not None  # stream() raises unless it started the response
     return sink.response
 
@@ -200,13 +215,14 @@ class SseSink:
         #: What was written, when an Idempotency-Key wants the stream stored.
         self._record = request.get(IDEMPOTENCY_RECORD)
         self.fallback: Fallback = "none"
+        self.provider = ""
         #: The request's status for metrics: 200, the final error event's status, or 499
         #: when the client went away.
         self.outcome = 200
 
     async def start(self, provider: str, attempts: int, fallback: Fallback, *,
                     cache_age: float | None = None) -> None:
-        self.fallback = fallback
+        self.fallback, self.provider = fallback, provider
         headers = _chat_headers(self._rid, provider, attempts, fallback, cache_age)
         headers.update(_SSE_HEADERS)
         headers.update(self._request.get(RATE_HEADERS) or ())
