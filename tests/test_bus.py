@@ -290,7 +290,8 @@ async def test_prune_deletes_only_old_rows(pg_clean: str) -> None:
                 f" VALUES ('timeout', '{age}', now() - interval '{age}')"
             )
         deleted = await prune(conn, keep_days=7)
-        assert deleted == {"breaker_events": 1, "health_samples": 1, "service_errors": 1}
+        assert deleted == {"breaker_events": 1, "health_samples": 1, "service_errors": 1,
+                           "fallback_events": 0, "feedback": 0}
         assert await conn.fetchval("SELECT array_agg(reason) FROM breaker_events") == ["1 day"]
         assert await conn.fetchval("SELECT array_agg(error_class) FROM health_samples") == ["1 day"]
         assert await conn.fetchval("SELECT array_agg(detail) FROM service_errors") == ["1 day"]
