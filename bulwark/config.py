@@ -51,6 +51,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Grace period for in-flight requests on SIGTERM; honcho SIGKILLs 5 s after SIGTERM.
     drain_sec: PositiveFloat = 4.0
     sim_url: str = SIM_DEFAULT_URL
+    #: `/health/live` also on this port, answered by a thread (service/liveness.py), so a
+    #: flood on the API port cannot fail a liveness probe; None: the API port only.
+    health_port: Annotated[int, Meta(ge=1, le=65535)] | None = None
     #: Response cache (bulwark/cache.py). An answer larger than this is not stored: a chat
     #: answer is a few KiB; 256 KiB is a very long one, and bounds a row and an LRU slot.
     cache_max_entry_bytes: Annotated[int, Meta(ge=1024)] = 256 * 1024
@@ -105,6 +108,7 @@ _ENV_MAP = {
     "BULWARK_MAX_BODY_BYTES": "max_body_bytes",
     "BULWARK_DRAIN_SEC": "drain_sec",
     "BULWARK_SIM_URL": "sim_url",
+    "BULWARK_HEALTH_PORT": "health_port",
     "BULWARK_CACHE_MAX_ENTRY_BYTES": "cache_max_entry_bytes",
     "BULWARK_CACHE_MEMORY_BYTES": "cache_memory_bytes",
     "BULWARK_CACHE_LOOKUP_TIMEOUT_MS": "cache_lookup_timeout_ms",

@@ -259,12 +259,14 @@ def part_flood(rig: Rig, conns: int, seconds: int) -> None:
                  headers={"Content-Type": "application/json"})
     assert conn.getresponse().status == 200
     conn.close()
-    port = free_port()
-    web = rig.web("flood-web", port, None)
+    port, hport = free_port(), free_port()
+    # The health port (service/liveness.py): /health/live answered by a thread of its own.
+    web = rig.web("flood-web", port, None, BULWARK_HEALTH_PORT=str(hport))
     idle: list[float] = []
     probe_livez(port, time.monotonic() + 2, idle)
     rss_idle = status_kib(web.pid, "VmRSS")
     under: list[float] = []
+    under_hport: list[float] = []
     peak = [0]
 
     def sample_rss() -> None:
@@ -274,6 +276,7 @@ def part_flood(rig: Rig, conns: int, seconds: int) -> None:
 
     end = time.monotonic() + seconds + 1
     threads = [threading.Thread(target=probe_livez, args=(port, end, under)),
+               threading.Thread(target=probe_livez, args=(hport, end, under_hport)),
                threading.Thread(target=sample_rss)]
     for t in threads:
         t.start()
@@ -287,6 +290,8 @@ def part_flood(rig: Rig, conns: int, seconds: int) -> None:
 
     failed = sum(1 for v in under if v == float("inf"))
     ok = [v for v in under if v != float("inf")]
+    h_failed = sum(1 for v in under_hport if v == float("inf"))
+    h_ok = [v for v in under_hport if v != float("inf")]
     print(f"## flood: {conns} connections for {seconds} s, upstream answering after 2 s")
     print(f"wrk: {result['requests']} responses, {result['non2xx']} non-2xx (503 "
           f"server_overloaded), connect errors {result['err_connect']}, read errors "
@@ -294,8 +299,13 @@ def part_flood(rig: Rig, conns: int, seconds: int) -> None:
     print(f"/health/live idle: p50 {pct(idle, 0.5):.2f} ms, p99 {pct(idle, 0.99):.2f} ms "
           f"({len(idle)} probes)")
     if ok:
-        print(f"/health/live under the flood: p50 {pct(ok, 0.5):.2f} ms, p99 {pct(ok, 0.99):.2f}"
-              f" ms, max {max(ok):.2f} ms ({len(under)} probes, {failed} failed)")
+        print(f"/health/live under the flood, API port: p50 {pct(ok, 0.5):.2f} ms, p99 "
+              f"{pct(ok, 0.99):.2f} ms, max {max(ok):.2f} ms ({len(under)} probes, "
+              f"{failed} failed)")
+    if h_ok:
+        print(f"/health/live under the flood, health port: p50 {pct(h_ok, 0.5):.2f} ms, p99 "
+              f"{pct(h_ok, 0.99):.2f} ms, max {max(h_ok):.2f} ms ({len(under_hport)} probes, "
+              f"{h_failed} failed)")
     print(f"RSS: idle {rss_idle / 1024:.1f} MiB, peak under the flood {peak[0] / 1024:.1f} MiB,"
           f" VmHWM {status_kib(web.pid, 'VmHWM') / 1024:.1f} MiB")
 

@@ -27,6 +27,7 @@ from service.bulkhead import Bulkhead
 from service.dispatch import Dispatcher
 from service.edge import edge
 from service.jobs import jobs_contexts
+from service.liveness import liveness_ctx
 from service.observe import WebObserver, breaker_hook, sample_ctx, tracing_ctx
 from service.observers import RecentFailures
 from service.ratelimit import Limiter, PgStore
@@ -199,6 +200,8 @@ def create_app(settings: Settings, providers: list[Provider], *,
 
     app.on_shutdown.append(end_streams_before_the_kill)
     app.cleanup_ctx.append(tracing_ctx(env))
+    if settings.health_port is not None:
+        app.cleanup_ctx.append(liveness_ctx(settings.host, settings.health_port))
     app.cleanup_ctx.append(streams_ctx)
     app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(router_ctx)
