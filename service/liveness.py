@@ -18,11 +18,10 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any
 
 from aiohttp import web
 
@@ -30,11 +29,12 @@ log = logging.getLogger("bulwark.web")
 
 #: How often the event loop proves it is running; a stamp is cheap.
 TICK_SEC = 0.25
+#: How soon the event loop's thread hands the GIL to the probe thread when it asks.
+SWITCH_SEC = 0.0005
 #: A loop that has not run a callback for this long is stuck, not busy: even a flood
 #: leaves the loop turning within a fraction of a second.
 STALE_AFTER_SEC = 10.0
 
-_PASS = b'{"status":"pass"}'
 _FAIL = b'{"status":"fail","output":"the event loop has not run for %d s"}'
 
 
@@ -54,50 +54,63 @@ class LoopHeartbeat:
             await asyncio.sleep(TICK_SEC)
 
 
-class _Server(HTTPServer):
-    # Several web processes of one host may share the health port, as they share theirs.
-    allow_reuse_address = True
+def _response(status: str, body: bytes) -> bytes:
+    return (f"HTTP/1.0 {status}\r\nContent-Type: application/health+json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
-    def __init__(self, address: tuple[str, int], heartbeat: LoopHeartbeat,
+
+_OK = _response("200 OK", b'{"status":"pass"}')
+_NOT_HERE = _response("404 Not Found", b'{"status":"fail","output":"only /health/live here"}')
+
+
+class _Responder:
+    """A few lines of socket code, not http.server: while a flood holds the GIL, every
+    bytecode the probe thread runs waits for a turn, so the fewer the better."""
+
+    def __init__(self, host: str, port: int, heartbeat: LoopHeartbeat,
                  stale_after: float) -> None:
         self.heartbeat = heartbeat
         self.stale_after = stale_after
-        super().__init__(address, _Handler, bind_and_activate=False)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self._stop = threading.Event()
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
-            self.server_bind()
-            self.server_activate()
+            # Several web processes of one host may share the port, as they share theirs.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self.sock.bind((host, port))
+            self.sock.listen(64)
+            # accept() wakes this often to notice stop(); probes do not wait for it.
+            self.sock.settimeout(0.5)
         except OSError:
-            self.server_close()
+            self.sock.close()
             raise
 
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    # Probes come and go: no keep-alive bookkeeping, no Server banner worth sending.
-    protocol_version = "HTTP/1.0"
-    server_version = "bulwark"
-    sys_version = ""
-
-    def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] not in ("/health/live", "/livez"):
-            self._send(404, b'{"status":"fail","output":"only /health/live here"}')
+    def _answer(self, conn: socket.socket) -> None:
+        conn.settimeout(2.0)  # a client that sends nothing does not hold the thread
+        head = conn.recv(1024)
+        path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
+        if path.split(b"?", 1)[0] not in (b"/health/live", b"/livez"):
+            conn.sendall(_NOT_HERE)
             return
-        age = self.server.heartbeat.age()
-        if age > self.server.stale_after:
-            self._send(503, _FAIL % int(age))
+        age = self.heartbeat.age()
+        if age > self.stale_after:
+            conn.sendall(_response("503 Service Unavailable", _FAIL % int(age)))
         else:
-            self._send(200, _PASS)
+            conn.sendall(_OK)
 
-    def _send(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/health+json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed by stop()
+            with conn, contextlib.suppress(OSError):
+                self._answer(conn)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # a probe every few seconds is not worth a log line
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def liveness_ctx(host: str, port: int, *, stale_after: float = STALE_AFTER_SEC
@@ -107,17 +120,23 @@ def liveness_ctx(host: str, port: int, *, stale_after: float = STALE_AFTER_SEC
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         heartbeat = LoopHeartbeat()
         beat = asyncio.create_task(heartbeat.run(), name="loop-heartbeat")
-        server = _Server((host, port), heartbeat, stale_after)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
-                                  name="liveness", daemon=True)
+        server = _Responder(host, port, heartbeat, stale_after)
+        # The probe thread waits for the GIL after each of its few system calls; the
+        # interpreter hands it over after this long (5 ms by default). Shorter only matters
+        # while a probe is being answered: an idle thread asks for nothing.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, SWITCH_SEC))
+        thread = threading.Thread(target=server.serve, name="liveness", daemon=True)
         thread.start()
         log.info("liveness probe serving", extra={"host": host, "port": port})
         try:
             yield
         finally:
-            # shutdown() waits for serve_forever to notice: off the loop.
-            await asyncio.get_running_loop().run_in_executor(None, server.shutdown)
-            server.server_close()
+            sys.setswitchinterval(switch)
+            server.stop()
+            # The thread notices within accept()'s timeout: wait off the loop.
+            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+            server.sock.close()
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
