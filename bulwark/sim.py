@@ -463,10 +463,11 @@ class SimState:
 
     # ---- handlers -------------------------------------------------------------------
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        self.chat_count += 1
-        step, index = self.next_step(probe=False)
+    def take_step(self, request: web.Request, raw: bytes, *, probe: bool
+                  ) -> Step | web.Response:
+        """This request's step (script, then its `x-sim-*` headers), logged; or the 400 for
+        a control header the simulator cannot follow."""
+        step, index = self.next_step(probe=probe)
         headers = request.headers
         try:
             step = header_step(headers, step)
@@ -478,6 +479,14 @@ class SimState:
         finally:
             self.log.append((request.method, request.path, headers, raw, step, index,
                              time.monotonic()))
+        return step
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        self.chat_count += 1
+        step = self.take_step(request, raw, probe=False)
+        if isinstance(step, web.Response):
+            return step
         try:
             req = _chat_decoder.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as err:
@@ -589,15 +598,9 @@ class SimState:
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         self.chat_count += 1
-        step, index = self.next_step(probe=False)
-        headers = request.headers
-        try:
-            step = header_step(headers, step)
-        except BadControl as err:
-            return _sim_error(str(err))
-        finally:
-            self.log.append((request.method, request.path, headers, raw, step, index,
-                             time.monotonic()))
+        step = self.take_step(request, raw, probe=False)
+        if isinstance(step, web.Response):
+            return step
         try:
             req = _embed_decoder.decode(raw)
             texts = embedding_inputs(req.input)
@@ -629,15 +632,9 @@ class SimState:
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         self.models_count += 1
-        step, index = self.next_step(probe=True)
-        headers = request.headers
-        try:
-            step = header_step(headers, step)
-        except BadControl as err:
-            return _sim_error(str(err))
-        finally:
-            self.log.append((request.method, request.path, headers, b"", step, index,
-                             time.monotonic()))
+        step = self.take_step(request, b"", probe=True)
+        if isinstance(step, web.Response):
+            return step
         if step.latency_ms or step.first_token_ms:
             await asyncio.sleep((step.latency_ms + step.first_token_ms) / 1000)
         if step.fault == "reset":
