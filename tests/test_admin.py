@@ -316,3 +316,31 @@ async def test_fallbacks_are_recorded_for_the_report(
     assert [tuple(r) for r in rows] == [("failover", "default", "beta")]
     status, body, _ = await call(gw, "GET", "/admin/reliability/reports/reliability?since=1h")
     assert (status, body["fallbacks_by_kind"]) == (200, {"failover": 1})
+
+
+async def test_socket_chats_spend_from_the_keys_limits(
+        sim: SimFactory, gateway: GatewayFactory, pg_clean: str) -> None:
+    """Each chat on a WebSocket spends from its key's requests per minute, as an HTTP request
+    does: with 3 a minute, the upgrade and two chats pass; the third is refused with
+    rate_limit_exceeded and never acknowledged."""
+    gw, _, _ = await make(sim, gateway, pg_clean)
+    status, created, _ = await call(gw, "POST", "/admin/keys", json={"name": "ws", "rpm": 3})
+    assert status == 201
+    await eventually(lambda: bool(gw.app[VIEW].fleet_value(f"clientkey/{created['id']}")))
+    frames: list[dict[str, Any]] = []
+    async with aiohttp.ClientSession() as s, s.ws_connect(
+            gw.server.make_url("/v1/ws"),
+            headers={"Authorization": f"Bearer {created['key']}"}) as ws:
+        for i in range(3):
+            await ws.send_json({"type": "chat", "id": f"c{i}",
+                                "request": {"model": "default", "messages": MSG}})
+            while True:
+                frame = await ws.receive_json(timeout=10)
+                frames.append(frame)
+                if frame["type"] in ("done", "error"):
+                    break
+    ends = {(f["id"], f["type"]) for f in frames if f["type"] in ("done", "error")}
+    assert ends == {("c0", "done"), ("c1", "done"), ("c2", "error")}
+    refused = next(f for f in frames if f["type"] == "error")
+    assert refused["error"]["code"] == "rate_limit_exceeded"
+    assert ("c2", "ack") not in {(f.get("id"), f["type"]) for f in frames}

@@ -41,14 +41,26 @@ from bulwark.errors import (
     ServiceUnavailable,
 )
 from bulwark.providers.base import StreamEvent
-from bulwark.wire import StreamOptions, encoder
+from bulwark.wire import ChatRequest, StreamOptions, encoder
 from service import wsproto
 from service.auth import check_model
 from service.chatreq import accepts_canned, check_limits, decode_chat, wants_continuation
 from service.dispatch import Fallback, Request
 from service.edge import new_request_id
-from service.keys import DISPATCHER, MODELS, REQUEST_ID, ROUTER, SETTINGS, STREAMS, VIEW, WS
+from service.keys import (
+    CLIENT_KEY,
+    DISPATCHER,
+    GUARD,
+    MODELS,
+    REQUEST_ID,
+    ROUTER,
+    SETTINGS,
+    STREAMS,
+    VIEW,
+    WS,
+)
 from service.openapi import describe
+from service.ratelimit import Meter, MeteredSink
 from service.sync import process_name
 from service.wsanswers import AnswerStore, Finished, Outcome, Whole, scope_of
 from service.wshub import WsHub
@@ -334,17 +346,36 @@ class Connection:
                       continue_stream=wants_continuation(
                           self._request.headers, self._request.app[MODELS].get(chat.model)))
         hub.store.begin(sink.key)
-        self.put(wsproto.ack(cid, self.session))
         self.in_flight[cid] = sink
         hub.running[sink.key] = sink
         sink.task = asyncio.create_task(self._run(req, sink), name="ws-chat")
         hub.tasks.add(sink.task)
 
+    async def _admit(self, chat: ChatRequest) -> Meter | None:
+        """Each chat on a socket spends from its key's limits, as an HTTP request does (the
+        upgrade spent one too); raises RateLimited. The token meter, for a TPM limit."""
+        key = self._request.get(CLIENT_KEY)
+        if key is None or (key.rpm is None and key.tpm is None):
+            return None
+        limiter = self._request.app[GUARD].limiter
+        budget = limiter.budget(key.id, key.rpm, key.tpm)
+        await limiter.admit(budget)
+        if budget.tok is None:
+            return None
+        meter = Meter(budget)
+        meter.request(chat)
+        return meter
+
     async def _run(self, req: Request, sink: WsSink) -> None:
         hub = self.hub
+        meter: Meter | None = None
         try:
-            await self._request.app[DISPATCHER].stream(req, sink)
-        except GatewayError as err:  # before anything was sent: nobody could answer
+            meter = await self._admit(req.chat)
+            # Accepted: valid, and within the key's limits.
+            self.put(wsproto.ack(sink.cid, self.session))
+            await self._request.app[DISPATCHER].stream(
+                req, sink if meter is None else MeteredSink(sink, meter))
+        except GatewayError as err:  # before anything was sent: refused, or nobody answered
             sink.finish_error(err)
         except asyncio.CancelledError:
             # Ours to end: a cancel frame, or shutdown past the drain (the dispatcher
@@ -355,6 +386,8 @@ class Connection:
             sink.finish_error(GatewayError("The gateway failed to handle this request.",
                                            code="internal_error"))
         finally:
+            if meter is not None:
+                self._request.app[GUARD].limiter.charge(meter.budget, meter.tokens())
             if not sink.finished:  # the dispatcher returned without an ending: a bug
                 sink.finish_error(GatewayError("The answer ended without completing.",
                                                code="internal_error"))
