@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import msgspec
 from aiohttp import web
@@ -24,6 +25,9 @@ from bulwark.errors import (
 from bulwark.telemetry import TRACED_PREFIXES
 from bulwark.wire import encoder
 from service.keys import CORS, GUARD, RATE_HEADERS, REQUEST_ID, TRACING
+
+if TYPE_CHECKING:
+    from service.auth import Guard
 
 log = logging.getLogger("bulwark.web")
 
@@ -100,16 +104,17 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         if length is not None and length > request.client_max_size:
             return error_response(PayloadTooLarge(
                 f"The request body is larger than {request.client_max_size} bytes."), rid)
-    tracing = request.app[TRACING]
+    app = request.app  # a property that walks the match info: read it once
+    tracing = app[TRACING]
     if tracing is not None and request.path.startswith(TRACED_PREFIXES):
-        return await tracing.serve(request, lambda r: _answer(r, handler, rid), rid)
-    return await _answer(request, handler, rid)
+        return await tracing.serve(request, lambda r: _answer(r, handler, rid, app[GUARD]), rid)
+    return await _answer(request, handler, rid, app[GUARD])
 
 
-async def _answer(request: web.Request, handler: Handler, rid: str) -> web.StreamResponse:
+async def _answer(request: web.Request, handler: Handler, rid: str,
+                  guard: Guard) -> web.StreamResponse:
     # Client keys, rate limits and the process bulkhead (service/auth.py) for the API;
     # while no key exists that is a counter and one boolean.
-    guard = request.app[GUARD]
     path = request.path
     api = path.startswith("/v1/")
     count = api and path != "/v1/ws"  # a WebSocket would hold a slot for its lifetime

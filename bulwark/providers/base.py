@@ -247,15 +247,23 @@ def split_events(buf: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
 async def read_json_body(resp: aiohttp.ClientResponse) -> bytes:
     # Not `content.read(BODY_LIMIT + 1)`: that returns what is buffered so far, which for a
     # large answer (embeddings of many dimensions) is a truncated body.
+    length = resp.content_length
+    if length is not None and length > BODY_LIMIT:
+        raise UpstreamError(C.MALFORMED_RESPONSE, detail="response body over the size limit")
     chunks: list[bytes] = []
     size = 0
     try:
+        if length is not None:
+            # The common case, in one await: a length-delimited answer within the limit.
+            return await resp.content.readexactly(length)
         async for chunk in resp.content.iter_any():
             size += len(chunk)
             if size > BODY_LIMIT:
                 raise UpstreamError(C.MALFORMED_RESPONSE,
                                     detail="response body over the size limit")
             chunks.append(chunk)
+    except asyncio.IncompleteReadError:
+        raise UpstreamError(C.NETWORK_RESET, detail="connection lost (body)") from None
     except (aiohttp.ClientError, OSError) as err:
         raise translate(err, phase="body") from err
     return b"".join(chunks)

@@ -133,8 +133,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         metrics.CHAT.done(seen.model, seen.stream, 500, started)
         raise
     metrics.CHAT.done(seen.model, seen.stream, seen.status, started, seen.fallback)
-    if seen.fallback != "none" and request.app[SETTINGS].database_url:
-        request.app[ERRORS].fallback_used(seen.fallback, seen.model, seen.provider)
+    if seen.fallback != "none":
+        app = request.app
+        if app[SETTINGS].database_url:
+            app[ERRORS].fallback_used(seen.fallback, seen.model, seen.provider)
     return resp
 
 
@@ -152,7 +154,8 @@ class _Outcome:
 
 
 async def _chat_completions(request: web.Request, seen: _Outcome) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
+    app = request.app  # a property that walks the match info: read it once
+    settings = app[SETTINGS]
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise PayloadTooLarge(f"The request body is larger than {settings.max_body_bytes} bytes.")
     try:
@@ -165,7 +168,7 @@ async def _chat_completions(request: web.Request, seen: _Outcome) -> web.StreamR
     _check_limits(chat, max_messages=settings.max_messages, max_chars=settings.max_message_chars)
     # Before the model lookup: a key limited to some models learns nothing about others.
     check_model(request, chat.model)
-    if not request.app[ROUTER].has_model(chat.model):
+    if not app[ROUTER].has_model(chat.model):
         raise NotFound(f"The model {chat.model!r} does not exist.", code="model_not_found",
                        param="model")
     seen.model = chat.model
@@ -180,9 +183,9 @@ async def _chat_completions(request: web.Request, seen: _Outcome) -> web.StreamR
                   passthrough=headers, no_store=cc.no_store, no_cache=cc.no_cache,
                   accept_canned=accepts_canned(request), cache_scope=_scope(request),
                   continue_stream=chat.stream and wants_continuation(
-                      headers, request.app[MODELS].get(chat.model)),
-                  may_queue=JOBS in request.app and prefers_async(request))
-    dispatcher = request.app[DISPATCHER]
+                      headers, app[MODELS].get(chat.model)),
+                  may_queue=JOBS in app and prefers_async(request))
+    dispatcher = app[DISPATCHER]
     try:
         if not chat.stream:
             answer = await dispatcher.complete(req)
