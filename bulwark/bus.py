@@ -38,6 +38,7 @@ import msgspec
 
 from bulwark.config import Provider
 from bulwark.state import (
+    Applied,
     FleetRow,
     Health,
     StateRow,
@@ -526,14 +527,17 @@ class Bus:
         if row.value is None and row.updated_by == "\0big":
             await self._reload(conn)  # too large to carry: announced by key only
             return
-        outcome = self.view.apply_fleet(row)
+        if self._counted(self.view.apply_fleet(row)) == "gap":
+            await self._reload(conn)
+
+    def _counted(self, outcome: Applied) -> Applied:
         if outcome == "applied":
             self.applied += 1
         elif outcome == "stale":
             self.stale += 1
         else:
             self.gaps += 1
-            await self._reload(conn)
+        return outcome
 
     async def _handle(self, conn: asyncpg.Connection, payload: str) -> None:
         try:
@@ -543,13 +547,7 @@ class Bus:
             log.warning("bus %s: undecodable notification; reloading", self.name)
             await self._reload(conn)
             return
-        outcome = self.view.apply(row)
-        if outcome == "applied":
-            self.applied += 1
-        elif outcome == "stale":
-            self.stale += 1
-        else:
-            self.gaps += 1
+        if self._counted(self.view.apply(row)) == "gap":
             log.info("bus %s: seq gap on %s (got %d); reloading", self.name, row.provider, row.seq)
             await self._reload(conn)
 

@@ -48,6 +48,7 @@ import asyncpg
 
 from bulwark.pgembed import EmbeddedPostgres
 from ops.bench_chat import (
+    LUA_DONE,
     Proc,
     cpu_ns,
     free_port,
@@ -82,17 +83,7 @@ request = function()
   return wrk.format(nil, nil, nil, prefix .. word .. suffix)
 end
 
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'BENCH_JSON {{"requests":%d,"duration_us":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,'
-    .. '"max_us":%d,"mean_us":%.1f,"err_connect":%d,"err_read":%d,"err_write":%d,'
-    .. '"err_status":%d,"err_timeout":%d}}\\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(90),
-    latency:percentile(99), latency.max, latency.mean, e.connect, e.read, e.write,
-    e.status, e.timeout))
-end
-"""
+""" + LUA_DONE
 
 _MARK = "@@WORD@@"
 

@@ -110,11 +110,8 @@ READY_MAX_S = 1.0
 _READY_TIMEOUT_S = 20.0
 _STOP_GRACE_S = 5.0
 
-_LUA = """\
-wrk.method = "POST"
-wrk.body = {body}
-wrk.headers["Content-Type"] = "application/json"
-
+#: wrk's `done` hook: one line of JSON with what the run measured (other benchmarks reuse it).
+LUA_DONE = """\
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -126,6 +123,12 @@ done = function(summary, latency, requests)
     e.status, e.timeout))
 end
 """
+_LUA = """\
+wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+
+""" + LUA_DONE
 
 
 def chat_body(mode: str) -> bytes:
