@@ -50,6 +50,8 @@ log = logging.getLogger("bulwark.status")
 HISTORY_TTL_SEC = 1.0
 #: Bound on one history read: a slow database delays the page's numbers, never the page.
 HISTORY_TIMEOUT_SEC = 1.0
+#: Bound on building one snapshot (the history read included): past it, the next tick.
+SNAPSHOT_TIMEOUT_SEC = 3.0
 #: How often an open page is re-checked for changes that come without a notification.
 TICK_SEC = 2.0
 #: Changes that arrive together (a breaker opening on three processes) become one event.
@@ -108,6 +110,10 @@ class StatusBoard:
     async def history(self) -> History:
         """The recent history, at most HISTORY_TTL_SEC old, or the last one read."""
         if not self.settings.database_url:
+            return self._history
+        if self._history_lock.locked():
+            # A read is under way (or stuck in a connect that ignores cancellation): the
+            # page gets the last history now rather than waiting behind it.
             return self._history
         async with self._history_lock:
             if time.monotonic() - self._history_at < HISTORY_TTL_SEC:
@@ -203,6 +209,10 @@ class StatusBoard:
     def subscribe(self) -> asyncio.Queue[bytes | None]:
         q: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
         self._streams.add(q)
+        # Wake the loop: while nobody watched it waited for a change with no tick, and a
+        # page opened after the last change would otherwise never see what has no NOTIFY
+        # (new probe samples) until the next one.
+        self._changed.set()
         return q
 
     def unsubscribe(self, q: asyncio.Queue[bytes | None]) -> None:
@@ -234,7 +244,18 @@ class StatusBoard:
             self._changed.clear()
             if not self._streams:
                 continue
-            payload = await self.current()
+            try:
+                # Bounded: whatever the history read does, the board keeps turning.
+                async with asyncio.timeout(SNAPSHOT_TIMEOUT_SEC):
+                    payload = await self.current()
+            except TimeoutError:
+                log.warning("status: snapshot took over %s s; trying again", SNAPSHOT_TIMEOUT_SEC)
+                continue
+            except Exception:
+                # A bug in one snapshot must not end live updates for every open page:
+                # log it, and try again at the next change or tick.
+                log.exception("status: snapshot failed")
+                continue
             if payload == self._last:
                 continue
             self._last = payload

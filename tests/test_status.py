@@ -118,6 +118,26 @@ async def test_events_send_the_state_first_then_each_change(
         feed.resp.close()
 
 
+async def test_a_page_opened_after_the_last_change_still_sees_new_probes(
+        setup: tuple[Gateway, Sim, Bus], pg_clean: str) -> None:
+    """Probe samples come without a notification: a page that opened while nothing else
+    changed (no bus row moves after it) still gets them on the board's tick."""
+    gw, _, _ = setup
+    async with aiohttp.ClientSession() as session:
+        feed = await open_feed(session, gw)
+        first = await feed.next_state()
+        assert alpha_of(first)["probes"] == []
+        conn = await asyncpg.connect(pg_clean)
+        try:
+            await conn.execute("insert into health_samples (provider, ok, latency_ms) "
+                               "values ('alpha', true, 12.5)")
+        finally:
+            await conn.close()
+        state = await feed.until(lambda s: alpha_of(s)["probes"], "the new probe shown")
+        assert alpha_of(state)["probes"][0]["latency_ms"] == 12.5
+        feed.resp.close()
+
+
 async def test_page_and_feed_never_show_secrets_prompts_or_client_ids(
         setup: tuple[Gateway, Sim, Bus]) -> None:
     """After failed attempts (recorded as service_errors) of a request with a prompt and a
