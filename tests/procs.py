@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -32,6 +33,24 @@ async def until(probe: Callable[[], Awaitable[T | None]], *, within: float = 15.
         if loop.time() > deadline:
             raise AssertionError(f"{what} not reached within {within} s")
         await asyncio.sleep(0.05)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_live(base: str, *, within: float = 15.0) -> None:
+    """Until `base`/health/live answers 200: a process just spawned is serving."""
+    async def live() -> bool:
+        try:
+            async with aiohttp.ClientSession() as s, s.get(f"{base}/health/live") as resp:
+                return resp.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+    await until(live, within=within, what=f"{base} live")
 
 
 class Daemon:

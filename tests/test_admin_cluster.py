@@ -16,8 +16,8 @@ import asyncpg
 import pytest
 
 from tests.conftest import Sim, SimFactory
-from tests.procs import ROOT, Spawn, health_is, until, write_providers
-from tests.test_cluster import Web, free_port, goes_to, start_web
+from tests.procs import ROOT, Spawn, free_port, health_is, until, write_providers
+from tests.test_cluster import Web, goes_to, start_web
 
 pytestmark = pytest.mark.slow
 

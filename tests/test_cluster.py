@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -22,17 +21,23 @@ from bulwark.state import View
 from schema.migrate import migrate
 from tests.conftest import Sim, SimFactory
 from tests.pg import throwaway_dir
-from tests.procs import ROOT, Daemon, Spawn, heal, health_is, holder, until, write_providers
+from tests.procs import (
+    ROOT,
+    Daemon,
+    Spawn,
+    free_port,
+    heal,
+    health_is,
+    holder,
+    until,
+    wait_live,
+    write_providers,
+)
 
 pytestmark = pytest.mark.slow
 
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Web:
@@ -57,14 +62,7 @@ async def start_web(spawn: Spawn, dsn: str | None, providers: Path, port: int,
                     **extra: str) -> Web:
     daemon = await spawn(dsn, providers, module="service", BULWARK_PORT=str(port), **extra)
     web = Web(daemon, port)
-
-    async def live() -> bool:
-        try:
-            status, _ = await web.get("/health/live")
-        except aiohttp.ClientConnectionError:
-            return False
-        return status == 200
-    await until(live, what=f"web on {port} live")
+    await wait_live(web.base)
     return web
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from bulwark.sim import reply_words
 from tests.conftest import Sim, SimFactory
-from tests.procs import Spawn
-from tests.test_cluster import free_port, start_web
+from tests.procs import Spawn, free_port
+from tests.test_cluster import start_web
 
 pytestmark = pytest.mark.slow
 

@@ -247,7 +247,8 @@ async def test_cli_level_reaches_two_web_processes(sim: SimFactory, spawn: Spawn
                                                    pg_clean: str, tmp_path: Any) -> None:
     """`python -m healthd degrade severe …` reaches both web processes (status endpoint and
     chat header); `degrade auto` takes both back; bad usage exits 2."""
-    from tests.test_cluster import free_port, start_web
+    from tests.procs import free_port
+    from tests.test_cluster import start_web
 
     alpha = await sim("alpha")
     providers = write_providers(tmp_path / "providers.toml", [alpha])

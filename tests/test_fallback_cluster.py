@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 
 from tests.conftest import Sim, SimFactory
-from tests.procs import Spawn, until
-from tests.test_cluster import free_port, start_web
+from tests.procs import Spawn, free_port, until
+from tests.test_cluster import start_web
 
 pytestmark = pytest.mark.slow
 

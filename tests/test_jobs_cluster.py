@@ -19,8 +19,8 @@ from bulwark.pgembed import EmbeddedPostgres
 from schema.migrate import migrate
 from tests.conftest import Sim, SimFactory
 from tests.pg import run_sync, throwaway_dir, truncate_state
-from tests.procs import Spawn, heal, health_is, until, write_providers
-from tests.test_cluster import Web, free_port, start_web
+from tests.procs import Spawn, free_port, heal, health_is, until, write_providers
+from tests.test_cluster import Web, start_web
 
 pytestmark = pytest.mark.slow
 

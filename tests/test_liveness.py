@@ -16,7 +16,7 @@ from aiohttp import web
 from bulwark.config import Settings
 from service.liveness import liveness_ctx
 from tests.conftest import GatewayFactory, SimFactory, provider
-from tests.test_cluster import free_port
+from tests.procs import free_port
 
 
 def get(port: int, path: str = "/health/live") -> tuple[int, str, dict[str, Any]]:

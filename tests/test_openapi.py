@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import socket
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from bulwark.wire import ChatRequest
 from service.app import create_app
 from service.openapi import INTERNAL, build_document, describe, served_routes, undeclared
 from tests.conftest import SimFactory
-from tests.procs import Spawn, until, write_providers
+from tests.procs import Spawn, free_port, until, write_providers
 
 pytestmark = pytest.mark.slow
 
@@ -105,11 +104,6 @@ MAX_EXAMPLES = 20
 SEED = os.environ.get("BULWARK_SCHEMATHESIS_SEED", "20261129")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 #: Not run by schemathesis, which speaks plain HTTP: `/v1/ws` is a WebSocket upgrade
 #: (tests/test_ws.py), and `/status/events` an endless event stream that no check can
@@ -173,7 +167,7 @@ async def test_live_formation_conforms_to_the_document(
     nothing: no 5xx, and every response conforms to the document (status, content type,
     headers, body and SSE events), with valid requests accepted and invalid ones refused."""
     alpha = await sim("alpha")
-    port = _free_port()
+    port = free_port()
     admin = secrets.token_urlsafe(24)
     web = await spawn(pg_clean, write_providers(tmp_path / "providers.toml", [alpha]),
                       module="service", BULWARK_PORT=str(port), HTTP_BACKOFF_BASE_MS="0",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from prometheus_client import multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import SimFactory
-from tests.procs import ROOT, Daemon, Spawn, until, write_providers
+from tests.procs import ROOT, Daemon, Spawn, free_port, until, write_providers
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +28,6 @@ RULE_TESTS = ROOT / "ops" / "prometheus" / "alerts_test.yml"
 DASHBOARD = ROOT / "ops" / "grafana" / "bulwark.json"
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def panel_queries() -> list[tuple[str, str]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,16 +14,11 @@ import asyncpg
 import pytest
 
 from tests.conftest import SimFactory
-from tests.procs import Spawn
+from tests.procs import Spawn, free_port, wait_live
 from tests.scripted import REQUESTS, Reply, scripted_app
 
 SECRET = "sk-live-SECRETVALUE0123456789abcdefXYZ"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_api_key_appears_in_no_response_and_no_log(aiohttp_server: Any,
@@ -49,7 +43,7 @@ retries = 0
 [providers.models]
 default = "m"
 """)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "ALPHA_KEY": SECRET, "BULWARK_PROVIDERS": str(toml),
            "BULWARK_PORT": str(port), "LOG_LEVEL": "DEBUG", "CB_FAIL_THRESHOLD": "100"}
     proc = await asyncio.create_subprocess_exec(
@@ -130,7 +124,7 @@ priority = 2
 [providers.models]
 default = "sim-1"
 """)
-    port = _free_port()
+    port = free_port()
     env = {"ALPHA_KEY": SECRET, "BETA_KEY": BETA_SECRET, "BULWARK_ADMIN_TOKEN": ADMIN_TOKEN,
            "LOG_LEVEL": "DEBUG"}
     web = await spawn(pg_clean, toml, module="service", BULWARK_PORT=str(port), **env)
@@ -138,13 +132,7 @@ default = "sim-1"
     client = {"Authorization": f"Bearer {CLIENT_KEY}"}
     chat = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
     async with aiohttp.ClientSession() as s:
-        async def live() -> bool:
-            try:
-                async with s.get(f"{base}/health/live") as r:
-                    return r.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-        await _until(live, "web live")
+        await wait_live(base)
         # Before healthd runs, so that the web process itself tries alpha (and records its
         # failures) rather than routing around a provider healthd already marked down.
         for i in range(4):

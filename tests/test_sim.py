@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from bulwark.sim import DEFAULT_CHUNKS, SIM_STATE, create_fleet_app, create_sim_app, reply_text
+from tests.procs import free_port
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}
@@ -417,12 +417,6 @@ async def test_seed_makes_ids_repeatable(aiohttp_server: AiohttpServer,
         ids.append(json.loads(raw)["id"])
     assert ids[0] == ids[1]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_main_serves_as_a_process(session: aiohttp.ClientSession) -> None:

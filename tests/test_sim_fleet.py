@@ -3,7 +3,6 @@ fleet of named providers, one of which a newcomer fails with a one-liner (issue 
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import aiohttp
@@ -11,17 +10,12 @@ import pytest
 
 from bulwark.config import SIM_FLEET, Settings, sim_providers
 from bulwark.sim import reply_text
-from tests.procs import Spawn, until
+from tests.procs import Spawn, free_port, until, wait_live
 
 pytestmark = pytest.mark.slow
 
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def chat(base: str, headers: dict[str, str] | None = None) -> tuple[int, str, str, str]:
@@ -57,14 +51,7 @@ async def test_service_alone_serves_a_fleet_and_one_can_be_failed(
                       BULWARK_PORT=str(port), BULWARK_SIM_URL=f"{sim}/v1")
     base = f"http://127.0.0.1:{port}"
 
-    async def live() -> bool:
-        try:
-            async with aiohttp.ClientSession() as s, s.get(f"{base}/health/live") as resp:
-                return resp.status == 200
-        except aiohttp.ClientConnectionError:
-            return False
-
-    await until(live, what="web live")
+    await wait_live(base)
     assert await chat(base) == (200, "alpha", "none", reply_text("alpha"))
     status, name, fallback, content = await chat(base, {"x-sim-fail": "alpha,beta"})
     assert (status, name, fallback) == (200, "gamma", "failover")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import aiohttp
@@ -20,7 +19,7 @@ import pytest
 from playwright.async_api import Page, async_playwright
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 
-from tests.procs import Spawn, until
+from tests.procs import Spawn, free_port, wait_live
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +29,6 @@ ARTIFACTS = Path(os.environ.get("BULWARK_ARTIFACTS", "/tmp/bulwark-artifacts"))
 WAIT_MS = 45_000
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def keep(shot: Path) -> Path:
@@ -72,14 +66,7 @@ async def test_page_shows_a_failed_provider_live(spawn: Spawn, pg_clean: str,
     await spawn(pg_clean, Path(), module="service", BULWARK_PORT=str(port), **common)
     base = f"http://127.0.0.1:{port}"
 
-    async def live() -> bool:
-        try:
-            async with aiohttp.ClientSession() as s, s.get(f"{base}/health/live") as resp:
-                return resp.status == 200
-        except aiohttp.ClientConnectionError:
-            return False
-
-    await until(live, what="web live")
+    await wait_live(base)
     # healthd after web: its probes go to the simulator that web serves.
     await spawn(pg_clean, Path(), **common)
 

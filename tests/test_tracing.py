@@ -24,8 +24,8 @@ from bulwark import logs, telemetry
 from bulwark.logs import setup_logging
 from service.keys import TRACING
 from tests.conftest import Gateway, GatewayFactory, Sim, SimFactory, provider
-from tests.otlp import Collector, SpanRecord, free_port
-from tests.procs import Spawn, until, write_providers
+from tests.otlp import Collector, SpanRecord
+from tests.procs import Spawn, free_port, until, write_providers
 
 MSG: Any = [{"role": "user", "content": "What is the secret word?"}]
 PROMPT = "What is the secret word?"

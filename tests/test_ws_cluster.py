@@ -16,8 +16,8 @@ import websockets
 
 from bulwark.sim import reply_text
 from tests.conftest import SimFactory
-from tests.procs import Spawn, until, write_providers
-from tests.test_cluster import free_port, start_web
+from tests.procs import Spawn, free_port, until, write_providers
+from tests.test_cluster import start_web
 
 pytestmark = pytest.mark.slow
 
