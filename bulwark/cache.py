@@ -112,11 +112,9 @@ def cache_key(chat: ChatRequest, scope: str = "") -> str:
     """The exact-match key of a request's answer (hex sha256).
 
     `scope` isolates tenants (a client key id once per-key caching exists)."""
-    canonical = msgspec.structs.replace(chat, **_NOT_IN_KEY)
-    h = hashlib.sha256(scope.encode())
-    h.update(b"\0")
-    h.update(_canonical.encode(canonical))
-    return h.hexdigest()
+    canonical = _canonical.encode(msgspec.structs.replace(chat, **_NOT_IN_KEY))
+    # One buffer, one update: this runs for every answer stored (fallback mode).
+    return hashlib.sha256(b"%s\0%s" % (scope.encode(), canonical)).hexdigest()
 
 
 class CacheControl(NamedTuple):

@@ -79,7 +79,6 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app.add_routes(embeddings.routes)
     app.add_routes(health.routes)
     app.add_routes(degradation.routes)
-    app.on_response_prepare.append(degradation.stamp)
     ws.install(app, settings)
     app.add_routes(admin.routes)
     app.add_routes(feedback.routes)

@@ -306,7 +306,7 @@ async def _attempt(d: Dispatcher, req: Request, sent: Tracker, rt: ProviderRunti
                 traceparent=att.traceparent)
     rewriter = _Rewriter(sent, Seam(partial), rt.name, len(partial))
     t = rt.provider.timeouts
-    loop = asyncio.get_running_loop()
+    loop = d.deadlines.loop()
     now = d._clock()
     total_at = loop.time() + min(t.total, req.deadline - now)
     first_at = min(loop.time() + t.first_token, total_at)
@@ -314,7 +314,7 @@ async def _attempt(d: Dispatcher, req: Request, sent: Tracker, rt: ProviderRunti
     ttft: float | None = None
     events = rt.adapter.stream(call)
     try:
-        async with asyncio.timeout_at(first_at) as timer:
+        with d.deadlines.at(first_at) as timer:
             async for ev in events:
                 if ttft is None and ev.chunk.has_content:
                     timer.reschedule(total_at)

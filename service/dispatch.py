@@ -27,6 +27,7 @@ import msgspec
 from bulwark import metrics
 from bulwark.cache import RS, Hit, ResponseCache, cache_key
 from bulwark.config import DEFAULT_POLICY, ModelPolicy
+from bulwark.deadline import Deadlines
 from bulwark.degradation import Degradation, Level
 from bulwark.embeddings import EmbedCall, EmbeddingRequest, EmbeddingResult, Inputs, check_result
 from bulwark.errors import (
@@ -66,7 +67,7 @@ CANNED_PROVIDER = "canned"
 CRITICAL_RETRY_AFTER_SEC = 10.0
 
 
-class Answer(NamedTuple):
+class Answer(msgspec.Struct, frozen=True):
     completion: Completion
     provider: str
     attempts: int
@@ -184,7 +185,7 @@ class QueueInstead(Exception):
         self.err = err
 
 
-class Request(NamedTuple):
+class Request(msgspec.Struct, frozen=True):
     chat: ChatRequest
     request_id: str
     deadline: float  # monotonic
@@ -233,7 +234,7 @@ class EmbedAnswer(NamedTuple):
 T = TypeVar("T")
 
 
-class _Plan(NamedTuple):
+class _Plan(msgspec.Struct, frozen=True):
     """What the request's model policy and the fleet's level make of one request."""
 
     policy: ModelPolicy
@@ -273,6 +274,8 @@ class Dispatcher:
         self.models = models or {}
         self.cache = cache
         self.degradation = degradation
+        #: Every attempt's deadline, on one shared timer (bulwark/deadline.py).
+        self.deadlines = Deadlines()
 
     def _plan(self, req: Request) -> _Plan:
         policy = self.models.get(req.chat.model, DEFAULT_POLICY)
@@ -428,7 +431,7 @@ class Dispatcher:
             timeout = min(rt.provider.timeouts.total, req.deadline - self._clock())
             started = self._clock()
             try:
-                async with asyncio.timeout(timeout):
+                with self.deadlines.after(timeout):
                     answer = await call(rt, att)
             except UpstreamError as err:
                 failures.append(err)
@@ -489,9 +492,10 @@ class Dispatcher:
             kept: list[bytes] | None = [] if p.store else None
             t = rt.provider.timeouts
             now = self._clock()
-            loop = asyncio.get_running_loop()
+            loop = self.deadlines.loop()
             # One timer for the whole attempt: first-token deadline until the first content
-            # chunk, then the total deadline. Idle gaps are aiohttp's sock_read timeout.
+            # chunk, then the total deadline (one entry on the shared timer, bulwark/deadline.py).
+            # Idle gaps are aiohttp's sock_read timeout.
             total_at = loop.time() + min(t.total, req.deadline - now)
             first_at = min(loop.time() + t.first_token, total_at)
             events = rt.adapter.stream(self._call(rt, req, model, att))
@@ -499,7 +503,7 @@ class Dispatcher:
                 events = att.watch(events)
             sent = False
             try:
-                async with asyncio.timeout_at(first_at) as timer:
+                with self.deadlines.at(first_at) as timer:
                     buffered: list[StreamEvent] = []
                     async for ev in events:
                         buffered.append(ev)

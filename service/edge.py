@@ -11,7 +11,6 @@ import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import msgspec
 from aiohttp import web
@@ -24,10 +23,7 @@ from bulwark.errors import (
 )
 from bulwark.telemetry import TRACED_PREFIXES
 from bulwark.wire import encoder
-from service.keys import CORS, GUARD, RATE_HEADERS, REQUEST_ID, TRACING
-
-if TYPE_CHECKING:
-    from service.auth import Guard
+from service.keys import CORS, DEGRADATION, GUARD, RATE_HEADERS, REQUEST_ID, TRACING
 
 log = logging.getLogger("bulwark.web")
 
@@ -90,6 +86,11 @@ def _method_not_allowed(request: web.Request, exc: web.HTTPMethodNotAllowed,
     return resp
 
 
+#: The paths whose responses say the degradation level they were served under.
+CHAT_PATHS = frozenset({"/v1/chat/completions"})
+DEGRADATION_HEADER = "x-bulwark-degradation"
+
+
 @web.middleware
 async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = request.headers.get("x-request-id", "")
@@ -107,18 +108,20 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     app = request.app  # a property that walks the match info: read it once
     tracing = app[TRACING]
     if tracing is not None and request.path.startswith(TRACED_PREFIXES):
-        return await tracing.serve(request, lambda r: _answer(r, handler, rid, app[GUARD]), rid)
-    return await _answer(request, handler, rid, app[GUARD])
+        return await tracing.serve(request, lambda r: _answer(r, handler, rid, app), rid)
+    return await _answer(request, handler, rid, app)
 
 
 async def _answer(request: web.Request, handler: Handler, rid: str,
-                  guard: Guard) -> web.StreamResponse:
+                  app: web.Application) -> web.StreamResponse:
     # Client keys, rate limits and the process bulkhead (service/auth.py) for the API;
     # while no key exists that is a counter and one boolean.
+    guard = app[GUARD]
     path = request.path
     api = path.startswith("/v1/")
     count = api and path != "/v1/ws"  # a WebSocket would hold a slot for its lifetime
     entered = False
+    resp: web.StreamResponse
     try:
         if api:
             await guard.enter(request, count=count)
@@ -127,28 +130,34 @@ async def _answer(request: web.Request, handler: Handler, rid: str,
             guard.check_metrics(request)
         resp = await handler(request)
     except GatewayError as err:
-        return error_response(err, rid, request.get(RATE_HEADERS) if guard.keys_on else None)
+        resp = error_response(err, rid, request.get(RATE_HEADERS) if guard.keys_on else None)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         if isinstance(exc, web.HTTPMethodNotAllowed):
-            return _method_not_allowed(request, exc, rid)
-        return error_response(_from_http_exception(exc), rid)
+            resp = _method_not_allowed(request, exc, rid)
+        else:
+            resp = error_response(_from_http_exception(exc), rid)
     except msgspec.MsgspecError:  # pragma: no cover - decoders are wrapped where used
         log.exception("unhandled decode error", extra={"request_id": rid})
-        return error_response(InvalidRequest("Invalid request body."), rid)
+        resp = error_response(InvalidRequest("Invalid request body."), rid)
     except Exception:
         log.exception("unhandled error", extra={"request_id": rid})
         internal = GatewayError("The gateway failed to handle this request.",
                                 code="internal_error")
-        return error_response(internal, rid)
+        resp = error_response(internal, rid)
     finally:
         if entered:
             guard.leave(request, count=count)
     if not resp.prepared:
-        resp.headers["x-request-id"] = rid
+        headers = resp.headers
+        headers["x-request-id"] = rid
         if guard.keys_on:
             limits = request.get(RATE_HEADERS)
             if limits:
-                resp.headers.update(limits)
+                headers.update(limits)
+        if path in CHAT_PATHS:
+            # Here rather than in an on_response_prepare signal, which every response of
+            # every path would pay for; a stream sets it itself (service/routes/chat.py).
+            headers[DEGRADATION_HEADER] = app[DEGRADATION].level.label
     return resp

@@ -10,7 +10,8 @@ import math
 import random
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+
+import msgspec
 
 from bulwark.breaker import Breaker, State
 from bulwark.config import Provider
@@ -41,7 +42,7 @@ class ProviderRuntime:
         return self.provider.name
 
 
-class Plan(NamedTuple):
+class Plan(msgspec.Struct, frozen=True):
     """Candidates in the order to try them, and what was left out and why."""
 
     order: list[ProviderRuntime]

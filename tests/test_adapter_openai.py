@@ -298,3 +298,26 @@ def test_split_events_framing() -> None:
     more, rest = split_events(rest + b":2}\n\n")
     assert more == [("", b'{"b":2}')]
     assert rest == b""
+
+
+@pytest.mark.parametrize("buf", [
+    b'data: {"a":1}\n\ndata: {"b":2}\n\ndata: [DONE]\n\n',
+    b'data: {"a":1}\n\ndata: {"b"',
+    b'data:{"a":1}\n\n',
+    b"data: \n\n",
+    b"event: ping\ndata: x\n\ndata: y\n\n",
+    b": keep-alive\n\ndata: x\n\n",
+    b"data: a\ndata: b\n\ndata: c\n\n",
+    b"data: a\n\n\n",
+    b"data: a\r\n\r\ndata: b\n\n",
+    b"\n\n",
+    b"data: partial",
+    b"",
+], ids=["plain", "partial", "no-space", "empty-data", "named", "comment", "multi-line",
+        "extra-blank", "crlf", "blank", "no-end", "nothing"])
+def test_split_events_fast_path_agrees_with_the_general_parser(buf: bytes) -> None:
+    """The one-regex path for plain `data:` events gives what the line-by-line parser gives,
+    and leaves anything else to it."""
+    from bulwark.providers.base import _split_any, split_events
+
+    assert split_events(buf) == _split_any(buf)

@@ -402,3 +402,33 @@ async def test_a_bug_mid_stream_still_ends_with_an_error_event(
                 pass
     assert "failed in the middle" in info.value.message
     assert rt.breaker.snapshot()["half_open_in_flight"] == 0
+
+
+async def test_whole_answer_past_its_total_timeout_fails_over(sim: SimFactory,
+                                                             gateway: GatewayFactory) -> None:
+    """A provider that never answers a non-streaming request is given up on at its total
+    timeout (the shared deadline timer, bulwark/deadline.py) and the next one answers; the
+    idle timeout, a stream's, does not cut a whole answer short."""
+    sims, gw = await three(sim, gateway, retries=0, timeout_total_sec=0.4,
+                           timeout_idle_sec=0.1)
+    await sims[0].script(then={"fault": "stall-before"})
+    async with gw.client() as client:
+        raw = await client.chat.completions.with_raw_response.create(model="default",
+                                                                     messages=MSG)
+    assert raw.headers["x-bulwark-provider"] == "beta"
+    assert raw.headers["x-bulwark-fallback"] == "failover"
+    assert (await sims[0].stats())["chat"] == 1
+
+
+async def test_whole_answer_may_take_longer_than_the_idle_timeout(sim: SimFactory,
+                                                                 gateway: GatewayFactory) -> None:
+    """A non-streaming answer that takes longer than `timeout_idle_sec` (a stream's limit
+    between chunks) but less than the total timeout is the first provider's answer."""
+    sims, gw = await three(sim, gateway, retries=0, timeout_total_sec=3.0,
+                           timeout_idle_sec=0.1)
+    await sims[0].script(then={"latency_ms": 300})
+    async with gw.client() as client:
+        raw = await client.chat.completions.with_raw_response.create(model="default",
+                                                                     messages=MSG)
+    assert raw.headers["x-bulwark-provider"] == "alpha"
+    assert raw.headers["x-bulwark-fallback"] == "none"

@@ -369,7 +369,7 @@ class AnthropicAdapter:
         try:
             async with post(self._session, self._messages_url, body=body, headers=headers,
                             provider=self.provider, retry_after_cap=self._retry_after_cap,
-                            secrets=secrets) as resp:
+                            secrets=secrets, idle=stream) as resp:
                 opened = True
                 yield resp
         except UpstreamError as err:

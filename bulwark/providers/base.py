@@ -9,10 +9,12 @@ It never retries and never fails over: the router does, with the error table.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import re
 import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import aiohttp
 import msgspec
@@ -45,7 +47,7 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     traceparent: str | None = None
 
 
-class Completion(NamedTuple):
+class Completion(msgspec.Struct, frozen=True):
     """A whole answer: `body` is what the client receives, `parsed` what we account with."""
 
     body: bytes
@@ -163,16 +165,20 @@ async def error_from_response(resp: aiohttp.ClientResponse, *, retry_after_cap: 
     )
 
 
-def client_timeout(provider: Provider) -> aiohttp.ClientTimeout:
-    """Per-attempt socket timeouts. `sock_read` is the idle timeout between reads, which
-    aiohttp enforces on the socket at no cost to us per chunk; first-token and total
-    timeouts are applied by the router around the whole attempt."""
+def client_timeout(provider: Provider, *, idle: bool = True) -> aiohttp.ClientTimeout:
+    """Per-attempt socket timeouts. `sock_read` is a stream's idle timeout between reads,
+    which aiohttp enforces on the socket (re-armed at every read); first-token and total
+    timeouts are applied by the dispatcher around the whole attempt. A whole answer
+    (`idle=False`) has no idle timeout: the provider may think for as long as the total
+    timeout allows before it sends anything (CONFIGURATION.md: the idle timeout is for
+    streams), and the per-read re-arming is saved."""
     t = provider.timeouts
-    return aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.idle)
+    return aiohttp.ClientTimeout(total=None, sock_connect=t.connect,
+                                 sock_read=t.idle if idle else None)
 
 
 #: One ClientTimeout per distinct timeout setting, built once instead of per request.
-_TIMEOUTS: dict[object, aiohttp.ClientTimeout] = {}
+_TIMEOUTS: dict[tuple[object, bool], aiohttp.ClientTimeout] = {}
 
 
 class post:  # noqa: N801
@@ -182,10 +188,10 @@ class post:  # noqa: N801
 
     def __init__(self, session: aiohttp.ClientSession, url: str, *, body: bytes,
                  headers: Mapping[str, str], provider: Provider, retry_after_cap: float,
-                 secrets: tuple[str, ...] = ()) -> None:
-        timeout = _TIMEOUTS.get(provider.timeouts)
+                 secrets: tuple[str, ...] = (), idle: bool = True) -> None:
+        timeout = _TIMEOUTS.get((provider.timeouts, idle))
         if timeout is None:
-            timeout = _TIMEOUTS[provider.timeouts] = client_timeout(provider)
+            timeout = _TIMEOUTS[provider.timeouts, idle] = client_timeout(provider, idle=idle)
         self._args = (session, url, body, headers, timeout)
         self._retry_after_cap = retry_after_cap
         self._secrets = secrets
@@ -227,8 +233,28 @@ def _event_data(block: bytes) -> tuple[str, bytes] | None:
     return (event, b"\n".join(data)) if data else None
 
 
+#: An event that is one `data:` line, the form every provider streams its chunks in.
+_DATA_EVENT = re.compile(rb"^data: ?(.*)\n\n", re.MULTILINE)
+_NO_NAME = itertools.repeat("")
+
+
 def split_events(buf: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
     """The complete SSE events at the start of `buf`, and what is left of it."""
+    if b"\r" not in buf:
+        # The common case in one regex pass (C, not a Python step per event): when every
+        # complete event is a single data line, each accounts for exactly two newlines.
+        end = buf.rfind(b"\n\n") + 2
+        if end < 2:
+            return [], buf
+        head = buf[:end]
+        datas = _DATA_EVENT.findall(head)
+        if head.count(b"\n") == 2 * len(datas):
+            return list(zip(_NO_NAME, datas, strict=False)), buf[end:]
+    return _split_any(buf)
+
+
+def _split_any(buf: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
+    """split_events for any SSE: named events, comments, multi-line data, CR line ends."""
     if b"\r" in buf:
         buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     blocks = buf.split(b"\n\n")

@@ -122,7 +122,8 @@ class OpenAIAdapter:
         headers, secrets = self._headers(call)
         async with post(self._session, self._chat_url, body=self._body(call, stream=False),
                         headers=headers, provider=self.provider,
-                        retry_after_cap=self._retry_after_cap, secrets=secrets) as resp:
+                        retry_after_cap=self._retry_after_cap, secrets=secrets,
+                        idle=False) as resp:
             raw = await read_json_body(resp)
         try:
             parsed = completion_decoder.decode(raw)

@@ -21,8 +21,10 @@ from service.chatreq import accepts_canned, check_flags, wants_continuation
 from service.chatreq import check_limits as _check_limits
 from service.chatreq import decode_chat as _decode
 from service.dispatch import ClientGone, Fallback, QueueInstead, Request
+from service.edge import DEGRADATION_HEADER
 from service.keys import (
     CLIENT_KEY,
+    DEGRADATION,
     DISPATCHER,
     ERRORS,
     IDEMPOTENCY_RECORD,
@@ -156,9 +158,9 @@ class _Outcome:
 async def _chat_completions(request: web.Request, seen: _Outcome) -> web.StreamResponse:
     app = request.app  # a property that walks the match info: read it once
     settings = app[SETTINGS]
-    if request.content_length is not None and request.content_length > settings.max_body_bytes:
-        raise PayloadTooLarge(f"The request body is larger than {settings.max_body_bytes} bytes.")
     try:
+        # A Content-Length over the limit was refused by the edge; a chunked body is
+        # bounded here, as it is read (client_max_size is settings.max_body_bytes).
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(
@@ -192,10 +194,12 @@ async def _chat_completions(request: web.Request, seen: _Outcome) -> web.StreamR
             if meter is not None:
                 meter.completion(answer.completion.parsed)
             seen.fallback, seen.provider = answer.fallback, answer.provider
-            return web.Response(body=answer.completion.body, content_type="application/json",
-                                headers=_chat_headers(rid, answer.provider, answer.attempts,
-                                                      answer.fallback, answer.cache_age))
-        sink = SseSink(request, rid)
+            out = _chat_headers(rid, answer.provider, answer.attempts, answer.fallback,
+                                answer.cache_age)
+            # In the headers rather than `content_type=`, whose setter builds the value anew.
+            out["Content-Type"] = "application/json"
+            return web.Response(body=answer.completion.body, headers=out)
+        sink = SseSink(request, rid, app[DEGRADATION].level.label)
         await dispatcher.stream(req, sink if meter is None else MeteredSink(sink, meter))
     except QueueInstead as queued:
         seen.fallback, seen.status = "queued", 202
@@ -208,9 +212,11 @@ async def _chat_completions(request: web.Request, seen: _Outcome) -> web.StreamR
 class SseSink:
     """A chat stream as Server-Sent Events in OpenAI's chunk format."""
 
-    def __init__(self, request: web.Request, request_id: str) -> None:
+    def __init__(self, request: web.Request, request_id: str, degradation: str) -> None:
         self._request = request
         self._rid = request_id
+        #: The level the stream is served under (the edge sets it on every other response).
+        self._degradation = degradation
         self.response: web.StreamResponse | None = None
         self._closed = False
         self._task: asyncio.Task[object] | None = None
@@ -228,6 +234,7 @@ class SseSink:
         self.fallback, self.provider = fallback, provider
         headers = _chat_headers(self._rid, provider, attempts, fallback, cache_age)
         headers.update(_SSE_HEADERS)
+        headers[DEGRADATION_HEADER] = self._degradation
         headers.update(self._request.get(RATE_HEADERS) or ())
         self.response = web.StreamResponse(status=200, headers=headers)
         try:
