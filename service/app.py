@@ -21,11 +21,10 @@ from bulwark.feedback import FeedbackWriter
 from bulwark.providers.registry import make_adapter
 from bulwark.retry import Backoff
 from bulwark.state import View
-from service import cors, keys, openapi
+from service import cors, edge, keys, openapi
 from service.auth import Guard
 from service.bulkhead import Bulkhead
 from service.dispatch import Dispatcher
-from service.edge import edge
 from service.jobs import jobs_contexts
 from service.liveness import liveness_ctx
 from service.observe import WebObserver, breaker_hook, sample_ctx, tracing_ctx
@@ -58,7 +57,7 @@ SHUTDOWN_MARGIN_SEC = 0.5
 def create_app(settings: Settings, providers: list[Provider], *,
                models: Mapping[str, ModelPolicy] | None = None,
                env: Mapping[str, str] | None = None) -> web.Application:
-    app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
     app[keys.PROVIDERS] = providers
     served = sorted({m for p in providers for m in p.models})
@@ -222,4 +221,5 @@ def create_app(settings: Settings, providers: list[Provider], *,
     app.cleanup_ctx.append(sample_ctx)
     # Last: the document describes every route added above.
     app.cleanup_ctx.append(openapi.document_ctx)
+    edge.install(app)  # last: every route is added
     return app

@@ -1,16 +1,21 @@
-"""The one middleware every request passes: request id in, body bound, errors out as
-OpenAI JSON (and, when CORS is configured, preflights answered: service/cors.py).
+"""The one layer every request passes: request id in, body bound, errors out as OpenAI
+JSON (and, when CORS is configured, preflights answered: service/cors.py).
 
-Kept to a single middleware on purpose: each aiohttp middleware is another coroutine frame
-on every request, and this path is measured against a bare proxy.
+Not an aiohttp middleware: an application with any middleware also gets aiohttp's own
+`_fix_request_current_app` layer, and both cost a coroutine frame (and a cached handler
+lookup) on every request of a path measured against a bare proxy. `install()` wraps each
+route's handler instead, once at start-up, and routes every path no route claims to one
+handler, so that a 404 or 405 is OpenAI JSON too.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -91,25 +96,58 @@ CHAT_PATHS = frozenset({"/v1/chat/completions"})
 DEGRADATION_HEADER = "x-bulwark-degradation"
 
 
-@web.middleware
-async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rid = request.headers.get("x-request-id", "")
-    if not _valid_request_id(rid):
-        rid = new_request_id()
-    request[REQUEST_ID] = rid
-    # Every route's body is bounded here, before its handler runs, whether or not the
-    # handler reads it (aiohttp itself checks only when a handler reads); a body sent
-    # without Content-Length is bounded by client_max_size when read.
-    if request.body_exists:
-        length = request.content_length
-        if length is not None and length > request.client_max_size:
-            return error_response(PayloadTooLarge(
-                f"The request body is larger than {request.client_max_size} bytes."), rid)
-    app = request.app  # a property that walks the match info: read it once
-    tracing = app[TRACING]
-    if tracing is not None and request.path.startswith(TRACED_PREFIXES):
-        return await tracing.serve(request, lambda r: _answer(r, handler, rid, app), rid)
-    return await _answer(request, handler, rid, app)
+def edged(handler: Handler) -> Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]:
+    """`handler` behind the edge. Keeps the handler's attributes (its OpenAPI operation)."""
+
+    async def edge(request: web.Request) -> web.StreamResponse:
+        rid = request.headers.get("x-request-id", "")
+        if not _valid_request_id(rid):
+            rid = new_request_id()
+        request[REQUEST_ID] = rid
+        # Every route's body is bounded here, before its handler runs, whether or not the
+        # handler reads it (aiohttp itself checks only when a handler reads); a body sent
+        # without Content-Length is bounded by client_max_size when read.
+        if request.body_exists:
+            length = request.content_length
+            if length is not None and length > request.client_max_size:
+                return error_response(PayloadTooLarge(
+                    f"The request body is larger than {request.client_max_size} bytes."), rid)
+        app = request.app  # a property that walks the match info: read it once
+        tracing = app[TRACING]
+        if tracing is not None and request.path.startswith(TRACED_PREFIXES):
+            return await tracing.serve(request, lambda r: _answer(r, handler, rid, app), rid)
+        return await _answer(request, handler, rid, app)
+
+    functools.update_wrapper(edge, handler)
+    return edge
+
+
+#: The route of every path no other route claims (last in aiohttp's lookup: the most
+#: specific resource wins), and its canonical form.
+NO_ROUTE_PATH = "/{_unrouted:.*}"
+NO_ROUTE = "/{_unrouted}"
+
+
+async def _no_route(request: web.Request) -> web.StreamResponse:
+    """No route for this method and path: 405 with `Allow` when the path has other methods
+    (a CORS preflight among them), else 404."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.canonical != NO_ROUTE:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound
+
+
+def install(app: web.Application) -> None:
+    """Put the edge in front of every route; call once every route is added."""
+    app.router.add_route("*", NO_ROUTE_PATH, _no_route)
+    for route in app.router.routes():
+        # aiohttp has no public way to wrap a registered route's handler (`_handler` is
+        # what `route.handler` returns and what the request is dispatched to; 3.14).
+        route._handler = edged(route.handler)
 
 
 async def _answer(request: web.Request, handler: Handler, rid: str,

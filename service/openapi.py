@@ -40,7 +40,9 @@ H = TypeVar("H")
 
 #: Paths served but deliberately not described (tools for operators of the formation, not
 #: part of the contract). Empty today; an entry needs a reason beside it.
-INTERNAL: frozenset[str] = frozenset()
+#: Paths that are no API: the edge's route for every path nothing else claims (its 404s
+#: and 405s are in every operation's errors).
+INTERNAL: frozenset[str] = frozenset({"/{_unrouted}"})
 
 _ATTR = "__bulwark_openapi__"
 _REF = "#/components/schemas/{name}"

@@ -344,6 +344,24 @@ async def test_unknown_path_is_openai_404(sim: SimFactory, gateway: GatewayFacto
         assert resp.headers["x-request-id"]
 
 
+async def test_wrong_method_is_openai_405(sim: SimFactory, gateway: GatewayFactory) -> None:
+    """A known path with a method it does not take: 405 JSON, `Allow`, a request id, and on
+    the chat path the degradation level like every other chat response."""
+    _, gw = await three(sim, gateway)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{gw.base_url}/chat/completions") as resp:
+            assert resp.status == 405
+            assert (await resp.json())["error"]["code"] == "method_not_allowed"
+            assert resp.headers["Allow"] == "POST"
+            assert resp.headers["x-request-id"]
+            assert resp.headers["x-bulwark-degradation"] == "normal"
+        async with s.delete(f"{gw.base_url.removesuffix('/v1')}/health/live") as resp:
+            assert resp.status == 405
+            assert set(resp.headers["Allow"].split(",")) == {"GET", "HEAD"}
+        async with s.post(f"{gw.base_url}/nothing/here") as resp:
+            assert resp.status == 404
+
+
 async def test_long_retry_after_on_5xx_fails_over_at_once(sim: SimFactory,
                                                           gateway: GatewayFactory) -> None:
     """A 503 with Retry-After: 60 is not waited out on the same provider: failover now."""
