@@ -342,7 +342,7 @@ class Connection:
         req = Request(chat=chat, request_id=new_request_id(),
                       deadline=time.monotonic() + settings.request_timeout_sec,
                       passthrough=self._request.headers,
-                      accept_canned=accepts_canned(self._request),
+                      accept_canned=accepts_canned(self._request.headers),
                       continue_stream=wants_continuation(
                           self._request.headers, self._request.app[MODELS].get(chat.model)))
         hub.store.begin(sink.key)
