@@ -3,8 +3,8 @@ events they subscribed to.
 
 Fan-out: the View calls us in the bus task. There we only encode the event once (one
 frame, shared by every subscriber) and enqueue it; our own task then hands the frame to
-each subscribed socket, whose writer task sends it. So a thousand subscribers cost the bus
-task one encode, never a thousand writes.
+each subscribed socket, which sends it with its next flush. So a thousand subscribers
+cost the bus task one encode, never a thousand writes.
 
 Heartbeats: one task for every socket of the process, not a timer per socket; each period
 it calls `heartbeat()` on each, which pings a peer silent for a whole period and drops one
