@@ -71,7 +71,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Output waiting for a reader that does not read; past it the socket is closed (1008).
     #: 1 MiB is thousands of deltas: only a reader that stopped reading gets there.
     ws_max_queued_bytes: Annotated[int, Meta(ge=1024)] = 1 << 20
-    #: Ping period; a peer that does not pong within half of it is gone.
+    #: Heartbeat period: a socket silent this long is pinged; silent one more period, gone.
     ws_heartbeat_sec: PositiveFloat = 20.0
     #: How long answers of socket requests stay available to `resume`.
     ws_retention_sec: PositiveFloat = 900.0

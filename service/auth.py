@@ -36,7 +36,11 @@ _SEEN_MAX = 10_000
 
 def check_model(request: web.Request, model: str) -> None:
     """403 `model_not_allowed` when the request's key may not use `model`."""
-    key = request.get(CLIENT_KEY)
+    check_key_model(request.get(CLIENT_KEY), model)
+
+
+def check_key_model(key: KeyRecord | None, model: str) -> None:
+    """check_model for a key held without its request (a WebSocket's, after the upgrade)."""
     if key is not None and key.models is not None and model not in key.models:
         raise PermissionDenied(f"This API key may not use the model {model!r}.",
                                code="model_not_allowed", param="model")

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import msgspec
-from aiohttp import web
 
 from bulwark.config import ModelPolicy
 from bulwark.errors import InvalidRequest
@@ -66,6 +65,6 @@ def check_flags(headers: Mapping[str, str]) -> None:
     _flag(headers, "x-bulwark-accept-canned")
 
 
-def accepts_canned(request: web.Request) -> bool:
+def accepts_canned(headers: Mapping[str, str]) -> bool:
     """`x-bulwark-accept-canned: true`: the model's canned reply is an acceptable answer."""
-    return _flag(request.headers, "x-bulwark-accept-canned") is True
+    return _flag(headers, "x-bulwark-accept-canned") is True

@@ -3,19 +3,26 @@ events they subscribed to.
 
 Fan-out: the View calls us in the bus task. There we only encode the event once (one
 frame, shared by every subscriber) and enqueue it; our own task then hands the frame to
-each subscribed socket, whose writer task sends it. So a thousand subscribers cost the bus
-task one encode, never a thousand writes.
+each subscribed socket, which sends it with its next flush. So a thousand subscribers
+cost the bus task one encode, never a thousand writes.
+
+Heartbeats: one task for every socket of the process, not a timer per socket; each period
+it calls `heartbeat()` on each, which pings a peer silent for a whole period and drops one
+that stayed silent a period after its ping (service/wsconn.py `WsSocket.beat`).
 
 Shutdown: `drain()` (on SIGTERM) stops new requests and closes each socket with 1012 as
 soon as its in-flight answers are done; `abandon()` (shortly before the drain deadline)
 cancels what still runs — each such answer ends with a `gateway_shutdown` error frame and
-is stored so — and the sockets close with 1012 right after.
+is stored so — and the sockets close with 1012 right after. aiohttp does not know our
+sockets (they leave it at the upgrade), so `close()` is what waits for them, and drops
+those whose close handshake has not finished in time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from typing import Any, Protocol
 
@@ -27,6 +34,9 @@ from service.wsanswers import AnswerStore, Key
 log = logging.getLogger("bulwark.ws")
 
 DEGRADATION_KEYS = ("degradation/auto", "degradation/operator")
+#: After the drain: how long sockets' close handshakes may take before they are dropped
+#: (a peer answers a close at once; honcho's SIGKILL comes 5 s after SIGTERM).
+_CLOSE_WAIT_SEC = 1.0
 #: Events waiting for the fan-out task; a backlog this deep means it is stuck, and the
 #: oldest are dropped rather than memory growing.
 _EVENTS_MAX = 10_000
@@ -37,6 +47,9 @@ class Socket(Protocol):
 
     def put_framed(self, frame: bytes) -> None: ...
     def drain(self) -> None: ...
+    def request_close(self, code: int, message: bytes) -> None: ...
+    def heartbeat(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 class Running(Protocol):
@@ -64,6 +77,7 @@ class WsHub:
         self._events: collections.deque[tuple[str, bytes]] = collections.deque(
             maxlen=_EVENTS_MAX)
         self._wake = asyncio.Event()
+        self._all_gone: asyncio.Future[None] | None = None
         self.draining = False
         self.drain_deadline: float | None = None
         #: Sockets closed for not reading (1008); for /metrics and tests.
@@ -114,6 +128,16 @@ class WsHub:
         self.sockets.discard(sock)
         for subs in self._subs.values():
             subs.discard(sock)
+        if not self.sockets and self._all_gone is not None and not self._all_gone.done():
+            self._all_gone.set_result(None)
+
+    # -- heartbeats ---------------------------------------------------------------
+
+    async def heartbeats(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            for sock in tuple(self.sockets):
+                sock.heartbeat()
 
     # -- shutdown -----------------------------------------------------------------
 
@@ -140,3 +164,15 @@ class WsHub:
             for running in list(self.running.values()):
                 running.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        if not self.sockets:
+            return
+        # Each socket closes once its answers are done (or was told to by drain); one that
+        # escaped that (opened during the drain) is told now. The peer answers our close at
+        # once; one that does not within the wait is dropped.
+        for sock in list(self.sockets):
+            sock.request_close(1012, b"service restart")
+        self._all_gone = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._all_gone), _CLOSE_WAIT_SEC)
+        for sock in list(self.sockets):
+            sock.abort()

@@ -183,7 +183,7 @@ async def _chat_completions(request: web.Request, seen: _Outcome) -> web.StreamR
     req = Request(chat=chat, request_id=rid,
                   deadline=_deadline(request, chat, settings.request_timeout_sec),
                   passthrough=headers, no_store=cc.no_store, no_cache=cc.no_cache,
-                  accept_canned=accepts_canned(request), cache_scope=_scope(request),
+                  accept_canned=accepts_canned(headers), cache_scope=_scope(request),
                   continue_stream=chat.stream and wants_continuation(
                       headers, app[MODELS].get(chat.model)),
                   may_queue=JOBS in app and prefers_async(request))

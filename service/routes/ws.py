@@ -7,30 +7,36 @@ is put together as it passes and stored (service/wsanswers.py) for `resume`; it 
 running when the socket goes away (that is what resume is for), and stops only on `cancel`,
 its deadline, or shutdown.
 
-Output: every frame of a socket goes through one bounded queue and one writer task, which
-writes whatever has gathered in one transport write (as the SSE path writes what one
-upstream read brought) and then waits for the kernel to take it. Nothing that feeds the
-queue ever waits on the client: a reader that falls behind by more than
+After the upgrade the socket is no longer aiohttp's: the handler validates the upgrade,
+writes the 101 itself and hands the transport to a `WsSocket` (service/wsconn.py), which
+speaks RFC 6455; the handler then returns, and aiohttp's request, parser and task are gone.
+An idle socket is a `Connection` and its `WsSocket`, nothing more (10,000 idle sockets fit
+in 150 MiB: docs/PERFORMANCE.md).
+
+Output: every frame of a socket goes through one bounded queue, flushed by one loop
+callback per burst as one transport write (as the SSE path writes what one upstream read
+brought). Nothing that feeds the queue ever waits on the client: while the transport is
+over its high-water mark the queue grows, and a reader that falls behind by more than
 `ws_max_queued_bytes` is closed with 1008, so a slow client can neither slow the upstream
-read nor grow our memory. The frames are built here (wsproto.text_frame) rather than by
-aiohttp's writer so that a batch is one write; aiohttp still writes its own control frames
-(pong, close) to the same transport, whole frames each, which is why batches never split.
+read nor grow our memory. Control frames (pong, ping, close) are whole frames written
+between flushes, so batches never split.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Annotated, Any
 
 import msgspec
-from aiohttp import WSMsgType, web
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from bulwark.clientkeys import KeyRecord
 from bulwark.config import Settings
 from bulwark.errors import (
     GatewayError,
@@ -43,8 +49,14 @@ from bulwark.errors import (
 from bulwark.providers.base import StreamEvent
 from bulwark.wire import ChatRequest, StreamOptions, encoder
 from service import wsproto
-from service.auth import check_model
-from service.chatreq import accepts_canned, check_limits, decode_chat, wants_continuation
+from service.auth import check_key_model
+from service.chatreq import (
+    accepts_canned,
+    check_flags,
+    check_limits,
+    decode_chat,
+    wants_continuation,
+)
 from service.dispatch import Fallback, Request
 from service.edge import new_request_id
 from service.keys import (
@@ -63,6 +75,7 @@ from service.openapi import describe
 from service.ratelimit import Meter, MeteredSink
 from service.sync import process_name
 from service.wsanswers import AnswerStore, Finished, Outcome, Whole, scope_of
+from service.wsconn import Detached, WsSocket, detach, handshake_key, switching_protocols
 from service.wshub import WsHub
 
 log = logging.getLogger("bulwark.ws")
@@ -72,8 +85,6 @@ routes = web.RouteTableDef()
 #: A session token is the client's secret for resuming its answers: long enough not to be
 #: guessed, short enough for a URL.
 _SESSION = re.compile(r"[A-Za-z0-9_-]{16,128}")
-#: How long a close waits for the peer's close frame before the connection is dropped.
-CLOSE_SEC = 5.0
 #: Room around a request body in a chat frame (type, id, the keys themselves).
 _FRAME_ENVELOPE = 4096
 _SHUTDOWN_MARGIN_SEC = 0.5
@@ -149,32 +160,41 @@ class WsSink:
 
 
 class Connection:
-    """One socket: its frames in, its one writer out, its requests in flight."""
+    """One socket's chat: its frames in, its output out, its requests in flight. Holds no
+    aiohttp request: what it needs of the upgrade is copied (the client key, the few
+    headers a chat reads), so that aiohttp's per-request objects die with the upgrade."""
 
-    __slots__ = ("_cap", "_close", "_dead", "_out", "_queued", "_request", "_settings",
-                 "_side", "_transport", "_writer", "_ws", "draining", "hub", "in_flight",
-                 "scope", "session")
+    __slots__ = ("_app", "_cap", "_close", "_dead", "_flushing", "_headers", "_key", "_out",
+                 "_queued", "_settings", "_side", "draining", "hub", "in_flight", "scope",
+                 "session", "sock")
 
-    def __init__(self, request: web.Request, ws: web.WebSocketResponse, session: str,
-                 hub: WsHub) -> None:
-        self._request = request
-        self._ws = ws
-        self._transport = request.transport
-        self._settings: Settings = request.app[SETTINGS]
+    def __init__(self, app: web.Application, session: str, headers: Mapping[str, str],
+                 key: KeyRecord | None, max_frame: int) -> None:
+        self._app = app
+        self._settings: Settings = app[SETTINGS]
+        self._headers = headers
+        self._key = key
         self._cap = self._settings.ws_max_queued_bytes
         self.session = session
         self.scope = scope_of(session)
-        self.hub = hub
+        self.hub = app[WS]
+        self.sock = WsSocket(self, max_frame)
         self.in_flight: dict[str, WsSink] = {}
         self.draining = False
         self._out: list[bytes] = []
         self._queued = 0
         self._dead = False  # no more output: closing, closed, or too slow
         self._close: tuple[int, bytes] | None = None
-        # The writer task exists only while there is output: an idle socket (most of them,
-        # most of the time) holds no task at all.
-        self._writer: asyncio.Task[None] | None = None
-        self._side: set[asyncio.Task[None]] = set()
+        # Output goes out from one loop callback per burst, so that whatever a burst put
+        # (several deltas of one upstream read, an event to many) is one transport write.
+        # No task: an idle socket holds nothing but itself.
+        self._flushing = False
+        self._side: set[asyncio.Task[None]] | None = None
+
+    def start(self) -> None:
+        self.hub.sockets.add(self)
+        if self.hub.draining:
+            self.drain()
 
     # -- output -----------------------------------------------------------------------
 
@@ -190,48 +210,37 @@ class Connection:
         if self._queued > self._cap:
             self._too_slow()
             return
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_loop(), name="ws-writer")
+        if not self._flushing and not self.sock.paused:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _write_loop(self) -> None:
-        transport = self._transport
-        drain = self._request.writer.drain
-        try:
-            while True:
-                if self._out:
-                    out = self._out
-                    data = out[0] if len(out) == 1 else b"".join(out)
-                    out.clear()
-                    self._queued = 0
-                    if transport is None or transport.is_closing():
-                        self._dead = True
-                        return
-                    transport.write(data)
-                    # Returns at once unless the kernel's buffer and the transport's
-                    # high-water mark are full: then we wait, and the queue takes the rest.
-                    await drain()
-                    continue
-                if self._close is not None:
-                    self._dead = True
-                    code, message = self._close
-                    with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
-                        async with asyncio.timeout(CLOSE_SEC):
-                            await self._ws.close(code=code, message=message)
-                return  # nothing left: the next put starts a new writer
-        except ConnectionError:
-            self._dead = True
-        finally:
-            self._writer = None
-            if self._dead:
-                self._out.clear()
+    def _flush(self) -> None:
+        self._flushing = False
+        out = self._out
+        sock = self.sock
+        # While the transport is over its high-water mark the queue takes the rest, up to
+        # the cap; resume_writing (on_writable) flushes it. A close goes out regardless:
+        # what is queued is in memory already, and the close frame must follow it.
+        if out and (not sock.paused or self._close is not None):
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            self._queued = 0
+            sock.write(data)
+        if self._close is not None and not out:
+            sock.close(*self._close)
+
+    def on_writable(self) -> None:
+        if self._out and not self._flushing:
+            self._flush()
 
     def request_close(self, code: int, message: bytes) -> None:
         """Close after everything queued so far has been written; nothing more is queued."""
         if self._close is None:
             self._close = (code, message)
             self._dead = True
-            if self._writer is None:
-                self._writer = asyncio.create_task(self._write_loop(), name="ws-writer")
+            if not self._flushing:
+                self._flushing = True
+                asyncio.get_running_loop().call_soon(self._flush)
 
     def _too_slow(self) -> None:
         self._dead = True
@@ -240,49 +249,39 @@ class Connection:
         self.hub.slow_closed += 1
         log.warning("websocket closed: reader too slow",
                     extra={"queued_limit": self._cap})
-        if self._writer is not None:
-            self._writer.cancel()  # it may be waiting on a reader that never reads
-        self._spawn(self._close_now(1008, b"reader too slow: output over the limit"))
-
-    async def _close_now(self, code: int, message: bytes) -> None:
-        transport = self._transport
-        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
-            async with asyncio.timeout(CLOSE_SEC):
-                # No drain: the peer is not reading; the close frame waits in line.
-                await self._ws.close(code=code, message=message, drain=False)
-        if transport is not None and transport.get_write_buffer_size():
-            transport.abort()  # still not read: do not keep its backlog in memory
+        # The close frame waits behind what the transport holds; a reader that does not
+        # take it within CLOSE_SEC is dropped with its backlog (WsSocket._give_up).
+        self.sock.close(1008, b"reader too slow: output over the limit")
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
+        if self._side is None:
+            self._side = set()
         self._side.add(task)
         task.add_done_callback(self._side.discard)
 
-    # -- input ------------------------------------------------------------------------
+    # -- input (WsSocket's Peer) --------------------------------------------------------
 
-    async def serve(self) -> None:
-        self.hub.sockets.add(self)
-        if self.hub.draining:
-            self.drain()
-        try:
-            async for msg in self._ws:
-                if msg.type is WSMsgType.TEXT:
-                    self._on_text(msg.data)
-                elif msg.type is WSMsgType.BINARY:
-                    self.put(wsproto.error(InvalidRequest(
-                        "Binary frames are not part of the protocol; send JSON text frames.",
-                        code="invalid_frame")))
-                else:  # ERROR: aiohttp has closed the socket (e.g. 1009, frame too big)
-                    break
-        finally:
-            self.hub.forget(self)
-            self._dead = True
-            writer = self._writer
-            if writer is not None and self._close is None:
-                writer.cancel()
-            await asyncio.gather(*([writer] if writer else []), *self._side,
-                                 return_exceptions=True)
-            # Requests keep running without the socket: their answers are stored for resume.
+    def on_binary(self) -> None:
+        self.put(wsproto.error(InvalidRequest(
+            "Binary frames are not part of the protocol; send JSON text frames.",
+            code="invalid_frame")))
+
+    def on_text(self, text: str) -> None:
+        self._on_text(text)
+
+    def on_lost(self) -> None:
+        self.hub.forget(self)
+        self._dead = True
+        self._out.clear()
+        self._queued = 0
+        # Requests keep running without the socket: their answers are stored for resume.
+
+    def heartbeat(self) -> None:
+        self.sock.beat()
+
+    def abort(self) -> None:
+        self.sock.abort()
 
     def _on_text(self, data: str) -> None:
         try:
@@ -303,7 +302,7 @@ class Connection:
     def _on_chat(self, frame: wsproto.Chat) -> None:
         cid = frame.id
         settings = self._settings
-        app = self._request.app
+        app = self._app
         try:
             if self.draining:
                 raise _shutting_down()
@@ -326,7 +325,7 @@ class Connection:
             chat = decode_chat(raw)
             check_limits(chat, max_messages=settings.max_messages,
                          max_chars=settings.max_message_chars)
-            check_model(self._request, chat.model)
+            check_key_model(self._key, chat.model)
             if not app[ROUTER].has_model(chat.model):
                 raise NotFound(f"The model {chat.model!r} does not exist.",
                                code="model_not_found", param="model")
@@ -341,10 +340,10 @@ class Connection:
         sink = WsSink(self, cid, hub.store, forward_usage)
         req = Request(chat=chat, request_id=new_request_id(),
                       deadline=time.monotonic() + settings.request_timeout_sec,
-                      passthrough=self._request.headers,
-                      accept_canned=accepts_canned(self._request),
+                      passthrough=self._headers,
+                      accept_canned=accepts_canned(self._headers),
                       continue_stream=wants_continuation(
-                          self._request.headers, self._request.app[MODELS].get(chat.model)))
+                          self._headers, app[MODELS].get(chat.model)))
         hub.store.begin(sink.key)
         self.in_flight[cid] = sink
         hub.running[sink.key] = sink
@@ -354,10 +353,10 @@ class Connection:
     async def _admit(self, chat: ChatRequest) -> Meter | None:
         """Each chat on a socket spends from its key's limits, as an HTTP request does (the
         upgrade spent one too); raises RateLimited. The token meter, for a TPM limit."""
-        key = self._request.get(CLIENT_KEY)
+        key = self._key
         if key is None or (key.rpm is None and key.tpm is None):
             return None
-        limiter = self._request.app[GUARD].limiter
+        limiter = self._app[GUARD].limiter
         budget = limiter.budget(key.id, key.rpm, key.tpm)
         await limiter.admit(budget)
         if budget.tok is None:
@@ -373,7 +372,7 @@ class Connection:
             meter = await self._admit(req.chat)
             # Accepted: valid, and within the key's limits.
             self.put(wsproto.ack(sink.cid, self.session))
-            await self._request.app[DISPATCHER].stream(
+            await self._app[DISPATCHER].stream(
                 req, sink if meter is None else MeteredSink(sink, meter))
         except GatewayError as err:  # before anything was sent: refused, or nobody answered
             sink.finish_error(err)
@@ -387,7 +386,7 @@ class Connection:
                                            code="internal_error"))
         finally:
             if meter is not None:
-                self._request.app[GUARD].limiter.charge(meter.budget, meter.tokens())
+                self._app[GUARD].limiter.charge(meter.budget, meter.tokens())
             if not sink.finished:  # the dispatcher returned without an ending: a bug
                 sink.finish_error(GatewayError("The answer ended without completing.",
                                                code="internal_error"))
@@ -435,6 +434,18 @@ class WsQuery(msgspec.Struct, frozen=True, kw_only=True):
     session: Annotated[str, msgspec.Meta(pattern=f"^{_SESSION.pattern}$")] | None = None
 
 
+#: What a socket's chats read of its upgrade request's headers: the x-bulwark-* flags
+#: (accepts_canned, wants_continuation) and the headers forwarded upstream (the
+#: simulator's x-sim-* script controls: bulwark/providers/openai.py `passthrough_prefix`).
+_KEPT_PREFIXES = ("x-bulwark-", "x-sim-")
+_NO_HEADERS: Mapping[str, str] = CIMultiDictProxy(CIMultiDict())
+
+
+def _kept_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
+    kept = [(k, v) for k, v in headers.items() if k.lower().startswith(_KEPT_PREFIXES)]
+    return CIMultiDictProxy(CIMultiDict(kept)) if kept else _NO_HEADERS
+
+
 @routes.get("/v1/ws")
 @describe("Chat over a WebSocket", tags=("chat",), query=WsQuery,
           responses={101: None},
@@ -442,23 +453,27 @@ class WsQuery(msgspec.Struct, frozen=True, kw_only=True):
           description=("A WebSocket upgrade (`Connection: Upgrade`, `Upgrade: websocket`); a "
                        "plain GET is a 400 `websocket_expected`. See docs/WEBSOCKET.md."))
 async def websocket(request: web.Request) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
+    app = request.app
+    settings = app[SETTINGS]
     session = request.query.get("session")
     if session is None:
         session = secrets.token_urlsafe(24)
     elif not _SESSION.fullmatch(session):
         raise InvalidRequest("session must be 16 to 128 characters of A-Z, a-z, 0-9, _ and -.",
                              code="invalid_session", param="session")
-    max_frame = settings.ws_max_frame_bytes or settings.max_body_bytes + _FRAME_ENVELOPE
-    ws = web.WebSocketResponse(heartbeat=settings.ws_heartbeat_sec, max_msg_size=max_frame,
-                               compress=False, timeout=CLOSE_SEC)
-    if not ws.can_prepare(request).ok:
+    headers = request.headers
+    key = handshake_key(request.method, headers)
+    if key is None:
         raise InvalidRequest("GET /v1/ws expects a WebSocket upgrade.",
                              code="websocket_expected")
-    ws.headers["x-request-id"] = request[REQUEST_ID]
-    await ws.prepare(request)
-    await Connection(request, ws, session, request.app[WS]).serve()
-    return ws
+    check_flags(headers)  # a bad flag is the upgrade's 400, not every chat's
+    max_frame = settings.ws_max_frame_bytes or settings.max_body_bytes + _FRAME_ENVELOPE
+    conn = Connection(app, session, _kept_headers(headers), request.get(CLIENT_KEY),
+                      max_frame)
+    conn.start()
+    if not detach(request, conn.sock, switching_protocols(key, request[REQUEST_ID])):
+        conn.on_lost()
+    return Detached()
 
 
 def install(app: web.Application, settings: Settings) -> None:
@@ -477,10 +492,13 @@ def install(app: web.Application, settings: Settings) -> None:
 
 
 async def ws_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The hub's fan-out task and the answer store's writer; after the bus (it writes
-    through it), so torn down before it: the last answers are written on the way out."""
+    """The hub's fan-out and heartbeat tasks and the answer store's writer; after the bus
+    (it writes through it), so torn down before it: the last answers are written on the
+    way out."""
     hub = app[WS]
     fanout = asyncio.create_task(hub.run(), name="ws-fanout")
+    beats = asyncio.create_task(hub.heartbeats(app[SETTINGS].ws_heartbeat_sec),
+                                name="ws-heartbeat")
     writer = asyncio.create_task(hub.store.run(), name="ws-answers")
     try:
         yield
@@ -490,4 +508,5 @@ async def ws_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(writer, return_exceptions=True)
         await hub.store.flush()
         fanout.cancel()
-        await asyncio.gather(fanout, return_exceptions=True)
+        beats.cancel()
+        await asyncio.gather(fanout, beats, return_exceptions=True)
