@@ -289,9 +289,12 @@ class Breaker:
         slow = duration_sec >= self._config.slow_call_sec
         if state is State.CLOSED:
             self._consecutive = 0
+            judged = self._calls >= self._config.minimum_calls
             self._push(_SLOW if slow else 0)
             # Even a success can trip: the one that brings the window up to minimum_calls.
-            self._check_rates("success")
+            # Past that, a quick success only lowers both rates: nothing to check.
+            if slow or not judged:
+                self._check_rates("success")
         elif state is State.HALF_OPEN:
             if not self._take_permit():
                 return

@@ -43,7 +43,9 @@ class Level(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        # A table, not name.lower(): every chat response carries it (Enum.name is a
+        # descriptor, slow for what it is).
+        return _LABELS[self]
 
     @classmethod
     def parse(cls, text: str) -> Level:
@@ -52,6 +54,9 @@ class Level(enum.IntEnum):
         except KeyError:
             names = ", ".join(m.label for m in cls)
             raise ValueError(f"unknown degradation level {text!r} (one of {names})") from None
+
+
+_LABELS: dict[Level, str] = {level: level.name.lower() for level in Level}
 
 
 LEVELS = tuple(m.label for m in Level)
