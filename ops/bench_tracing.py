@@ -66,7 +66,7 @@ from ops.bench_chat import free_port
 Serve = Callable[[web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]], str],
                  Awaitable[web.StreamResponse]]
 
-PROVIDER = resolve(ProviderConfig(name="alpha", kind="openai",  # type: ignore[arg-type]
+PROVIDER = resolve(ProviderConfig(name="alpha", kind="openai",
                                   base_url="http://127.0.0.1:9/v1", priority=1,
                                   models={"default": "sim-1"}), Settings())
 CHAT = ChatRequest(model="default", messages=[Message(role="user", content="Hello there")],
