@@ -270,6 +270,9 @@ class JsonSpanExporter(SpanExporter):
                 if 200 <= status < 300:
                     return SpanExportResult.SUCCESS
                 why = f"HTTP {status}"
+                if status in (400, 415):
+                    why += (" (a receiver that takes no JSON? "
+                            "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)")
                 if status not in RETRY_STATUSES:
                     break
                 delay = retry_after
