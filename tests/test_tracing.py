@@ -211,7 +211,8 @@ async def test_retries_are_span_events_and_log_lines_carry_the_trace(
 async def test_sampling_ratio_zero_follows_the_callers_decision(
         collector: Collector, sim: SimFactory, gateway: GatewayFactory) -> None:
     """parentbased_traceidratio with 0: a new trace is not recorded (nor invented for the
-    upstream); a caller's sampled trace is recorded, and an unsampled one passed on as is."""
+    upstream), nor one that a malformed `traceparent` starts; a caller's sampled trace is
+    recorded, and an unsampled one passed on as is."""
     service = f"t-{uuid.uuid4().hex[:8]}"
     sims, gw = await two(sim, gateway, otel_env(
         collector, service, OTEL_TRACES_SAMPLER="parentbased_traceidratio",
@@ -222,9 +223,12 @@ async def test_sampling_ratio_zero_follows_the_callers_decision(
     unsampled = "11111111111111111111111111111111"
     assert (await chat(gw, {"model": "default", "messages": MSG},
                        {"traceparent": f"00-{unsampled}-{PARENT}-00"}))[0] == 200
+    assert (await chat(gw, {"model": "default", "messages": MSG},
+                       {"traceparent": "garbage"}))[0] == 200
     got = await spans(collector, service, 2)
     assert {s.trace_id for s in got} == {TRACE}
-    first, second, third = await sim_log(sims[0])
+    first, second, third, fourth = await sim_log(sims[0])
+    assert "traceparent" not in fourth["headers"]
     assert "traceparent" not in first["headers"]
     assert second["headers"]["traceparent"].startswith(f"00-{TRACE}-")
     assert third["headers"]["traceparent"].startswith(f"00-{unsampled}-")
