@@ -18,6 +18,7 @@ from bulwark.config import DEFAULT_POLICY, ModelPolicy, Provider, Settings
 from bulwark.degradation import Degradation
 from bulwark.errors import ServiceUnavailable
 from bulwark.feedback import FeedbackWriter
+from bulwark.http1 import Http1
 from bulwark.providers.registry import make_adapter
 from bulwark.retry import Backoff
 from bulwark.state import View
@@ -92,9 +93,14 @@ def create_app(settings: Settings, providers: list[Provider], *,
         # the pool. DNS answers are cached a minute (providers sit behind stable CDNs).
         connector = aiohttp.TCPConnector(limit=1000, limit_per_host=500, ttl_dns_cache=60,
                                          resolver=AsyncResolver(), keepalive_timeout=30)
+        http1 = Http1()  # the chat path's own client (bulwark/http1.py)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as session:
             app[keys.SESSION] = session
-            yield
+            app[keys.HTTP1] = http1
+            try:
+                yield
+            finally:
+                http1.close()
 
     async def router_ctx(app: web.Application) -> AsyncIterator[None]:
         session = app[keys.SESSION]
@@ -105,7 +111,7 @@ def create_app(settings: Settings, providers: list[Provider], *,
         sync = StateSync()
         for p in providers:
             adapter = make_adapter(p, session, retry_after_cap=settings.retry_after_cap_sec,
-                                   env=env)
+                                   env=env, http1=app[keys.HTTP1])
             breaker = Breaker(p.name, config,
                               on_transition=breaker_hook(sync.on_transition, tracing))
             runtimes.append(ProviderRuntime(p, adapter, breaker,

@@ -13,6 +13,7 @@ from bulwark.clientkeys import KeyRecord
 from bulwark.config import ModelPolicy, Provider, Settings
 from bulwark.degradation import Degradation
 from bulwark.feedback import FeedbackWriter
+from bulwark.http1 import Http1
 from bulwark.state import View
 from bulwark.telemetry import Tracing
 from service.cors import Cors
@@ -40,6 +41,7 @@ OPENAPI = web.AppKey("openapi", bytes)
 #: Present only when BULWARK_CORS_ORIGINS is set (service/cors.py).
 CORS = web.AppKey("cors", Cors)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+HTTP1 = web.AppKey("http1", Http1)
 VIEW = web.AppKey("view", View)
 ROUTER = web.AppKey("router", Router)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)

@@ -22,6 +22,7 @@ import msgspec
 from bulwark.config import Provider
 from bulwark.embeddings import EmbedCall, EmbeddingResult
 from bulwark.errors import ErrorClass, UpstreamError, classify_status, parse_retry_after, redact
+from bulwark.http1 import Http1, Pool, Response
 from bulwark.wire import ChatCompletion, ChatRequest, Chunk, any_decoder
 
 C = ErrorClass
@@ -130,12 +131,35 @@ def translate(err: BaseException, *, phase: str = "") -> UpstreamError:
     raise err
 
 
-async def error_from_response(resp: aiohttp.ClientResponse, *, retry_after_cap: float,
+class Body(Protocol):
+    """The reading side of an upstream answer: aiohttp's StreamReader, or a bulwark.http1
+    Response."""
+
+    async def readany(self) -> bytes: ...
+    async def readexactly(self, n: int) -> bytes: ...
+    async def read(self, n: int = -1) -> bytes: ...
+    def iter_any(self) -> AsyncIterator[bytes]: ...
+
+
+class UpstreamResponse(Protocol):
+    """An upstream answer as the adapters read it, from either HTTP client."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def content_length(self) -> int | None: ...
+    @property
+    def content(self) -> Body: ...
+
+
+async def error_from_response(resp: UpstreamResponse, *, retry_after_cap: float,
                               secrets: tuple[str, ...] = ()) -> UpstreamError:
     """Classify a non-2xx upstream response. Its body goes to `detail` (sanitised) only."""
     try:
         raw = await resp.content.read(ERROR_BODY_LIMIT)
-    except (TimeoutError, aiohttp.ClientError):
+    except (TimeoutError, aiohttp.ClientError, UpstreamError):
         raw = b""
     text = raw.decode("utf-8", "replace")
     cls = classify_status(resp.status, text)
@@ -221,6 +245,47 @@ class post:  # noqa: N801
             raise translate(exc) from exc
 
 
+class post_http1:  # noqa: N801
+    """`post` over bulwark.http1 (the chat path's lean client): the same contract — a 2xx
+    response, or a classified `UpstreamError` — at a fifth of the CPU."""
+
+    __slots__ = ("_body", "_client", "_headers", "_idle", "_provider", "_resp",
+                 "_retry_after_cap", "_secrets", "_target")
+
+    def __init__(self, client: Http1, target: tuple[Pool, bytes], *, body: bytes,
+                 headers: Mapping[str, str], provider: Provider, retry_after_cap: float,
+                 secrets: tuple[str, ...] = (), idle: bool = True) -> None:
+        self._client = client
+        self._target = target
+        self._body = body
+        self._headers = headers
+        self._provider = provider
+        self._retry_after_cap = retry_after_cap
+        self._secrets = secrets
+        self._idle = idle
+        self._resp: Response | None = None
+
+    async def __aenter__(self) -> Response:
+        t = self._provider.timeouts
+        pool, path = self._target
+        resp = await self._client.request(pool, path, self._body, self._headers,
+                                          connect_timeout=t.connect,
+                                          idle=t.idle if self._idle else None)
+        self._resp = resp
+        if resp.status >= 300:
+            try:
+                failure = await error_from_response(
+                    resp, retry_after_cap=self._retry_after_cap, secrets=self._secrets)
+            finally:
+                resp.release()
+            raise failure
+        return resp
+
+    async def __aexit__(self, et: object, exc: BaseException | None, tb: object) -> None:
+        if self._resp is not None:
+            self._resp.release()
+
+
 def _event_data(block: bytes) -> tuple[str, bytes] | None:
     if block.startswith(b"data:") and b"\n" not in block:
         return "", (block[6:] if block[5:6] == b" " else block[5:])
@@ -270,7 +335,7 @@ def _split_any(buf: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
     return out, rest
 
 
-async def read_json_body(resp: aiohttp.ClientResponse) -> bytes:
+async def read_json_body(resp: UpstreamResponse) -> bytes:
     # Not `content.read(BODY_LIMIT + 1)`: that returns what is buffered so far, which for a
     # large answer (embeddings of many dimensions) is a truncated body.
     length = resp.content_length

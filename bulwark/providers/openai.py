@@ -23,12 +23,14 @@ from bulwark.embeddings import (
     floats_of_base64,
 )
 from bulwark.errors import ErrorClass, UpstreamError, classify_status, redact
+from bulwark.http1 import Http1
 from bulwark.providers.base import (
     Call,
     Completion,
     ProbeResult,
     StreamEvent,
     post,
+    post_http1,
     probe_get,
     read_json_body,
     split_events,
@@ -77,12 +79,17 @@ class OpenAIAdapter:
     passthrough_prefix: str | None = None
 
     def __init__(self, provider: Provider, session: aiohttp.ClientSession, *,
-                 retry_after_cap: float, env: Mapping[str, str] | None = None) -> None:
+                 retry_after_cap: float, env: Mapping[str, str] | None = None,
+                 http1: Http1 | None = None) -> None:
         self.provider = provider
         self._session = session
         self._retry_after_cap = retry_after_cap
         self._env = env
         self._chat_url = f"{provider.base_url}/chat/completions"
+        #: Chats go through the lean client when the process has one (web does; healthd's
+        #: probes and embeddings use aiohttp's): bulwark/http1.py says why.
+        self._http1 = http1
+        self._chat_target = None if http1 is None else http1.target(self._chat_url)
         self._models_url = f"{provider.base_url}/models"
         self._embeddings_url = f"{provider.base_url}/embeddings"
         # Mistral refuses unknown top-level fields (422), so it gets only its own `prefix`.
@@ -118,12 +125,20 @@ class OpenAIAdapter:
             body = body[:-1] + b',"continue_final_message":true,"add_generation_prompt":false}'
         return body
 
+    def _post_chat(self, body: bytes, headers: Mapping[str, str], secrets: tuple[str, ...],
+                   *, idle: bool) -> post | post_http1:
+        if self._http1 is not None and self._chat_target is not None:
+            return post_http1(self._http1, self._chat_target, body=body, headers=headers,
+                              provider=self.provider, retry_after_cap=self._retry_after_cap,
+                              secrets=secrets, idle=idle)
+        return post(self._session, self._chat_url, body=body, headers=headers,
+                    provider=self.provider, retry_after_cap=self._retry_after_cap,
+                    secrets=secrets, idle=idle)
+
     async def complete(self, call: Call) -> Completion:
         headers, secrets = self._headers(call)
-        async with post(self._session, self._chat_url, body=self._body(call, stream=False),
-                        headers=headers, provider=self.provider,
-                        retry_after_cap=self._retry_after_cap, secrets=secrets,
-                        idle=False) as resp:
+        async with self._post_chat(self._body(call, stream=False), headers, secrets,
+                                   idle=False) as resp:
             raw = await read_json_body(resp)
         try:
             parsed = completion_decoder.decode(raw)
@@ -137,9 +152,8 @@ class OpenAIAdapter:
         headers, secrets = self._headers(call)
         headers["Accept"] = "text/event-stream"
         finished = False
-        async with post(self._session, self._chat_url, body=self._body(call, stream=True),
-                        headers=headers, provider=self.provider,
-                        retry_after_cap=self._retry_after_cap, secrets=secrets) as resp:
+        async with self._post_chat(self._body(call, stream=True), headers, secrets,
+                                   idle=True) as resp:
             ctype = resp.headers.get("Content-Type", "")
             if "text/event-stream" not in ctype:
                 raise UpstreamError(C.MALFORMED_RESPONSE,
