@@ -57,6 +57,15 @@ def _malformed(detail: str) -> UpstreamError:
     return UpstreamError(C.MALFORMED_RESPONSE, detail=f"invalid HTTP response: {detail}"[:200])
 
 
+def _chunk_size(line: bytes) -> int:
+    """A chunk-size line's size (extensions after `;` ignored), strictly hex digits."""
+    semi = line.find(b";")
+    digits = (line if semi < 0 else line[:semi]).strip()
+    if not digits or digits.strip(b"0123456789abcdefABCDEF"):
+        raise _malformed("chunk size is not hex")
+    return int(digits, 16)
+
+
 class Headers(Mapping[str, str]):
     """A response's headers: names lower-cased, looked up in any case; a repeated header
     keeps its last value (nothing here reads a list-valued one)."""
@@ -274,46 +283,52 @@ class Response:
         return data
 
     def _take_chunks(self, buf: bytearray) -> bytes:
+        """The data of every whole chunk (and the start of a partial one) in `buf`. One copy
+        and one cut of the buffer per call, positions in between: a stream's every event
+        is a chunk of its own, and a read brings many."""
+        b = bytes(buf)
+        end = len(b)
+        pos = 0
+        state = self._chunk
         out: list[bytes] = []
-        while buf:
-            state = self._chunk
+        while pos < end:
             if state > 0:
-                n = min(state, len(buf))
-                out.append(bytes(buf[:n]))
-                del buf[:n]
-                self._chunk = state - n or _CHUNK_END
+                n = min(state, end - pos)
+                out.append(b[pos:pos + n])
+                pos += n
+                state = state - n or _CHUNK_END
             elif state == _CHUNK_END:
-                if len(buf) < 2:
+                if end - pos < 2:
                     break
-                if buf[:2] != b"\r\n":
+                if b[pos:pos + 2] != b"\r\n":
                     raise _malformed("chunk not followed by CRLF")
-                del buf[:2]
-                self._chunk = _SIZE_LINE
+                pos += 2
+                state = _SIZE_LINE
             elif state == _SIZE_LINE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > MAX_SIZE_LINE:
+                eol = b.find(b"\r\n", pos)
+                if eol < 0:
+                    if end - pos > MAX_SIZE_LINE:
                         raise _malformed("chunk size line too long")
                     break
-                try:
-                    size = int(bytes(buf[:end]).split(b";", 1)[0], 16)
-                except ValueError:
-                    raise _malformed("chunk size is not hex") from None
-                del buf[:end + 2]
-                self._chunk = size if size > 0 else _TRAILERS
+                state = _chunk_size(b[pos:eol])
+                pos = eol + 2
+                if state == 0:
+                    state = _TRAILERS
             else:  # trailers, ended by an empty line
-                if buf[:2] == b"\r\n":
-                    del buf[:2]
+                if b[pos:pos + 2] == b"\r\n":
+                    pos += 2
                     self._done = True
                     break
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > MAX_HEAD:
+                eot = b.find(b"\r\n\r\n", pos)
+                if eot < 0:
+                    if end - pos > MAX_HEAD:
                         raise _malformed("trailers too long")
                     break
-                del buf[:end + 4]
+                pos = eot + 4
                 self._done = True
                 break
+        del buf[:pos]
+        self._chunk = state
         return out[0] if len(out) == 1 else b"".join(out)
 
     def _decode(self, data: bytes) -> bytes:
@@ -457,12 +472,15 @@ def _header_line(name: str, value: str) -> bytes:
 class Http1:
     """Every origin's pool, for one event loop; `close()` when the process stops."""
 
-    def __init__(self, *, limit_per_origin: int = 500, keepalive_sec: float = 30.0) -> None:
+    def __init__(self, *, limit_per_origin: int = 500, keepalive_sec: float = 30.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.limit = limit_per_origin
         self.keepalive_sec = keepalive_sec
         self.deadlines = Deadlines()
         self._pools: dict[tuple[str, str, int], Pool] = {}
-        self._ssl: ssl.SSLContext | None = None
+        #: None: the system's trust store (SSL_CERT_FILE / SSL_CERT_DIR are honoured), built
+        #: at the first https origin.
+        self._ssl = ssl_context
 
     def pool(self, scheme: str, host: str, port: int) -> Pool:
         key = (scheme, host, port)

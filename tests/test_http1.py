@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
@@ -241,3 +244,42 @@ async def test_an_answer_left_unread_closes_its_connection(client: Http1,
     async with await post(client, server) as resp:
         assert await resp.content.read() == b"hello"
     assert server.connections == 2
+
+
+async def test_tls_with_the_trusted_certificate_and_not_without(tmp_path: Path) -> None:
+    """https origins: the certificate is verified (a self-signed one only when trusted)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    tls = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx)
+    port = tls.sockets[0].getsockname()[1]
+    trusting = Http1(ssl_context=ssl.create_default_context(cafile=str(cert)))
+    system = Http1()
+    try:
+        pool, path = trusting.target(f"https://127.0.0.1:{port}/v1/chat/completions")
+        async with await trusting.request(pool, path, b"", {}, connect_timeout=5,
+                                          idle=None) as resp:
+            assert await resp.content.read() == b"secret"
+        pool, path = system.target(f"https://127.0.0.1:{port}/v1/chat/completions")
+        with pytest.raises(UpstreamError) as info:
+            await system.request(pool, path, b"", {}, connect_timeout=5, idle=None)
+        assert info.value.cls is C.NETWORK_TLS
+    finally:
+        trusting.close()
+        system.close()
+        tls.close()
