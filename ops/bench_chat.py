@@ -526,13 +526,16 @@ class Bench:
         self.pids["passthrough"] = pt.pid
 
         # `spare` serves a model the load never asks for: the publisher's changes to it reach
-        # the gateway's view and breakers without changing where a request goes. healthd
-        # probes with a one-token chat, as the canned upstream has no /models.
+        # the gateway's view and breakers without changing where a request goes. `bench`
+        # serves that model too, so that `spare`'s breaker opening leaves it half its
+        # providers: the fleet's level goes to `minor` (a header) and not to `severe`
+        # (stored answers first), which would change what is measured. healthd probes with
+        # a one-token chat, as the canned upstream has no /models.
         providers = self.logs / "providers.toml"
         providers.write_text(
             '[[providers]]\nname = "bench"\nkind = "openai"\nhealth_check = "chat"\n'
             f'base_url = "{base}"\n[providers.models]\n'
-            'default = "sim-1"\npaced = "paced"\n\n'
+            'default = "sim-1"\npaced = "paced"\nspare = "sim-1"\n\n'
             '[[providers]]\nname = "spare"\nkind = "openai"\nhealth_check = "chat"\n'
             f'base_url = "{base}"\n[providers.models]\n'
             'spare = "sim-1"\n')

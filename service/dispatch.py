@@ -495,7 +495,7 @@ class Dispatcher:
             loop = self.deadlines.loop()
             # One timer for the whole attempt: first-token deadline until the first content
             # chunk, then the total deadline (one entry on the shared timer, bulwark/deadline.py).
-            # Idle gaps are aiohttp's sock_read timeout.
+            # Idle gaps between reads are the HTTP client's own timeout.
             total_at = loop.time() + min(t.total, req.deadline - now)
             first_at = min(loop.time() + t.first_token, total_at)
             events = rt.adapter.stream(self._call(rt, req, model, att))
