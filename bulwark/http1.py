@@ -42,7 +42,8 @@ MAX_SIZE_LINE: Final = 4096
 #: Stop reading from the socket while this much is waiting for the reader; go on below LOW.
 HIGH_WATER: Final = 256 * 1024
 LOW_WATER: Final = 64 * 1024
-USER_AGENT: Final = "bulwark"
+#: Sent with every request, right after `Host` (one constant line, built once).
+_USER_AGENT_LINE: Final = b"\r\nUser-Agent: bulwark\r\n"
 
 _LENGTH, _CHUNKED, _UNTIL_CLOSE, _EMPTY = 0, 1, 2, 3
 #: Chunked-body states beyond "bytes left in this chunk" (> 0).
@@ -166,13 +167,13 @@ class Response:
                  "_reusable", "content_length", "headers", "status")
 
     def __init__(self, conn: _Conn, status: int, headers: Headers, *, idle: float | None,
-                 head_request_closes: bool) -> None:
+                 closes: bool) -> None:
         self._conn = conn
         self.status = status
         self.headers = headers
         self._idle = idle
         self._done = False
-        self._reusable = not head_request_closes
+        self._reusable = not closes
         self._chunk = _SIZE_LINE
         self._left = 0
         self.content_length: int | None = None
@@ -511,8 +512,7 @@ class Http1:
         """Send one POST and read its response's head; the body is read from the result."""
         conn = await pool.connection(connect_timeout)
         try:
-            head = [b"POST ", path, b" HTTP/1.1\r\nHost: ", pool.host_header,
-                    b"\r\nUser-Agent: " + USER_AGENT.encode() + b"\r\n"]
+            head = [b"POST ", path, b" HTTP/1.1\r\nHost: ", pool.host_header, _USER_AGENT_LINE]
             head += [_header_line(k, v) for k, v in headers.items()]
             head.append(b"Content-Length: %d\r\n\r\n" % len(body))
             head.append(body)
@@ -560,4 +560,4 @@ async def _read_head(conn: _Conn, idle: float | None) -> Response:
         headers = Headers(fields)
         closes = (headers.get("connection", "").lower() == "close"
                   or status_line.startswith(b"HTTP/1.0"))
-        return Response(conn, status, headers, idle=idle, head_request_closes=closes)
+        return Response(conn, status, headers, idle=idle, closes=closes)

@@ -285,15 +285,7 @@ async def memory_bare(rig: Rig, n: int) -> tuple[int, int]:
                  logs=rig.logs)
     rig.procs.append(proc)
     wait_ready(proc, port, "/health/live")
-    await asyncio.sleep(0.5)
-    before = status_kib(proc.pid, "VmRSS")
-    transports = await idle_sockets(port, n)
-    await asyncio.sleep(1.0)
-    after = status_kib(proc.pid, "VmRSS")
-    for t in transports:
-        t.abort()
-    stop(proc)
-    return before, after
+    return await _rss_with_sockets(proc, port, n)
 
 
 async def memory(rig: Rig, n: int) -> tuple[int, int]:
@@ -303,14 +295,19 @@ async def memory(rig: Rig, n: int) -> tuple[int, int]:
         await ws.send_str((WS_CHAT % 1).decode())
         while not (await ws.receive()).data.startswith('{"type":"done"'):
             pass
+    return await _rss_with_sockets(gw, port, n)
+
+
+async def _rss_with_sockets(proc: Proc, port: int, n: int) -> tuple[int, int]:
+    """The server's RSS (KiB) settled, then with `n` idle sockets open; then it stops."""
     await asyncio.sleep(0.5)
-    before = status_kib(gw.pid, "VmRSS")
+    before = status_kib(proc.pid, "VmRSS")
     transports = await idle_sockets(port, n)
     await asyncio.sleep(1.0)
-    after = status_kib(gw.pid, "VmRSS")
+    after = status_kib(proc.pid, "VmRSS")
     for t in transports:
         t.abort()
-    stop(gw)
+    stop(proc)
     return before, after
 
 

@@ -131,7 +131,8 @@ def create_app(settings: Settings, providers: list[Provider], *,
             backoff=Backoff(base_sec=settings.http_backoff_base_ms / 1000.0),
             observer=WebObserver(
                 [recent, recorder] if settings.database_url else [recent], tracing),
-            models=app[keys.MODELS], cache=app[keys.CACHE], degradation=app[keys.DEGRADATION])
+            models=app[keys.MODELS], cache=app[keys.CACHE], degradation=app[keys.DEGRADATION],
+            deadlines=app[keys.HTTP1].deadlines)  # one shared timer per process
         yield
 
     async def bus_ctx(app: web.Application) -> AsyncIterator[None]:

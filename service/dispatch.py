@@ -264,7 +264,8 @@ class Dispatcher:
                  clock: Callable[[], float] = time.monotonic,
                  models: Mapping[str, ModelPolicy] | None = None,
                  cache: ResponseCache | None = None,
-                 degradation: Degradation | None = None) -> None:
+                 degradation: Degradation | None = None,
+                 deadlines: Deadlines | None = None) -> None:
         self.router = router
         self.max_attempts = max_attempts
         self.backoff = backoff
@@ -274,8 +275,9 @@ class Dispatcher:
         self.models = models or {}
         self.cache = cache
         self.degradation = degradation
-        #: Every attempt's deadline, on one shared timer (bulwark/deadline.py).
-        self.deadlines = Deadlines()
+        #: Every attempt's deadline, on one shared timer (bulwark/deadline.py): the same
+        #: one as the HTTP client's idle timeouts, when the app passes it.
+        self.deadlines = deadlines or Deadlines()
 
     def _plan(self, req: Request) -> _Plan:
         policy = self.models.get(req.chat.model, DEFAULT_POLICY)

@@ -152,6 +152,7 @@ class UpstreamResponse(Protocol):
     def content_length(self) -> int | None: ...
     @property
     def content(self) -> Body: ...
+    def release(self) -> object: ...
 
 
 async def error_from_response(resp: UpstreamResponse, *, retry_after_cap: float,
@@ -201,6 +202,19 @@ def client_timeout(provider: Provider, *, idle: bool = True) -> aiohttp.ClientTi
                                  sock_read=t.idle if idle else None)
 
 
+async def _raise_unless_2xx(resp: UpstreamResponse, *, retry_after_cap: float,
+                            secrets: tuple[str, ...]) -> None:
+    """A non-2xx answer becomes its classified `UpstreamError` (the response released)."""
+    if resp.status < 300:
+        return
+    try:
+        failure = await error_from_response(resp, retry_after_cap=retry_after_cap,
+                                            secrets=secrets)
+    finally:
+        resp.release()
+    raise failure
+
+
 #: One ClientTimeout per distinct timeout setting, built once instead of per request.
 _TIMEOUTS: dict[tuple[object, bool], aiohttp.ClientTimeout] = {}
 
@@ -228,13 +242,8 @@ class post:  # noqa: N801
         except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as err:
             raise translate(err) from err
         self._resp = resp
-        if resp.status >= 300:
-            try:
-                failure = await error_from_response(
-                    resp, retry_after_cap=self._retry_after_cap, secrets=self._secrets)
-            finally:
-                resp.release()
-            raise failure
+        await _raise_unless_2xx(resp, retry_after_cap=self._retry_after_cap,
+                                secrets=self._secrets)
         return resp
 
     async def __aexit__(self, et: object, exc: BaseException | None, tb: object) -> None:
@@ -272,13 +281,8 @@ class post_http1:  # noqa: N801
                                           connect_timeout=t.connect,
                                           idle=t.idle if self._idle else None)
         self._resp = resp
-        if resp.status >= 300:
-            try:
-                failure = await error_from_response(
-                    resp, retry_after_cap=self._retry_after_cap, secrets=self._secrets)
-            finally:
-                resp.release()
-            raise failure
+        await _raise_unless_2xx(resp, retry_after_cap=self._retry_after_cap,
+                                secrets=self._secrets)
         return resp
 
     async def __aexit__(self, et: object, exc: BaseException | None, tb: object) -> None:
